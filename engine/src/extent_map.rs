@@ -1,0 +1,480 @@
+//! The persistent copy-on-write extent map: a B+tree from logical block to extent, one root per
+//! branch head and per commit, sharing every unchanged node.
+//!
+//! Keys are extent starts; extents never overlap. Internal entries carry the newest birth in
+//! their subtree so "what changed since generation G" visits only changed paths. Nodes are
+//! never merged when they shrink (an empty node is removed), which keeps deletes simple at the
+//! cost of some slack after large trims.
+
+use roaring::RoaringTreemap;
+
+use crate::error::{Error, Result};
+use crate::format::{INTERNAL_CAPACITY, LEAF_CAPACITY};
+use crate::meta::{Body, Child, Extent, MetaStore, Node, Target, TREE_HEIGHT_MAX};
+
+/// An extent entry holds at most this many blocks (its length is 32 bits on disk).
+pub const EXTENT_BLOCKS_MAX: u64 = u32::MAX as u64;
+
+/// Index of the child whose key range holds `key`.
+fn route(children: &[Child], key: u64) -> usize {
+    children.partition_point(|c| c.key <= key).saturating_sub(1)
+}
+
+fn check_level(node: &Node, expected: Option<u8>, page: u64) -> Result<()> {
+    if expected.is_some_and(|l| l != node.level) {
+        return Err(Error::corrupt(format!("extent-map node at level {} where {:?} was expected", node.level, expected), format!("meta page {page}")));
+    }
+    Ok(())
+}
+
+/// Read-only queries.
+pub struct MapReader<'a> {
+    pub store: &'a mut MetaStore,
+}
+
+impl MapReader<'_> {
+    /// Extents overlapping `[from, to)`, clipped to it, in order.
+    pub fn lookup(&mut self, root: u64, from: u64, to: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        if root == 0 || from >= to {
+            return Ok(out);
+        }
+        if let Some(e) = self.floor(root, from)? {
+            if e.lblock < from && e.end() > from {
+                out.push(e.clip(from, to));
+            }
+        }
+        let mut inner = Vec::new();
+        self.range(root, from, to, None, &mut inner)?;
+        out.extend(inner.into_iter().map(|e| e.clip(from, to)));
+        Ok(out)
+    }
+
+    /// The extent with the greatest start <= `key`.
+    pub fn floor(&mut self, page: u64, key: u64) -> Result<Option<Extent>> {
+        self.floor_at(page, key, None)
+    }
+
+    fn floor_at(&mut self, page: u64, key: u64, level: Option<u8>) -> Result<Option<Extent>> {
+        let node = self.store.get(page)?;
+        check_level(&node, level, page)?;
+        match &node.body {
+            Body::Leaf(extents) => {
+                let i = extents.partition_point(|e| e.lblock <= key);
+                Ok(i.checked_sub(1).map(|i| extents[i]))
+            }
+            Body::Internal(children) => {
+                let child_level = Some(node.level - 1);
+                let idx = route(children, key);
+                if let Some(found) = self.floor_at(children[idx].page, key, child_level)? {
+                    return Ok(Some(found));
+                }
+                for c in children[..idx].iter().rev() {
+                    if let Some(found) = self.last(c.page, child_level)? {
+                        return Ok(Some(found));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn last(&mut self, page: u64, level: Option<u8>) -> Result<Option<Extent>> {
+        let node = self.store.get(page)?;
+        check_level(&node, level, page)?;
+        match &node.body {
+            Body::Leaf(extents) => Ok(extents.last().copied()),
+            Body::Internal(children) => match children.last() {
+                Some(c) => self.last(c.page, Some(node.level - 1)),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Extents whose start is in `[from, to)`.
+    fn range(&mut self, page: u64, from: u64, to: u64, level: Option<u8>, out: &mut Vec<Extent>) -> Result<()> {
+        let node = self.store.get(page)?;
+        check_level(&node, level, page)?;
+        match &node.body {
+            Body::Leaf(extents) => {
+                let start = extents.partition_point(|e| e.lblock < from);
+                out.extend(extents[start..].iter().take_while(|e| e.lblock < to));
+            }
+            Body::Internal(children) => {
+                let first = route(children, from);
+                for (i, c) in children.iter().enumerate().skip(first) {
+                    if i > first && c.key >= to {
+                        break;
+                    }
+                    self.range(c.page, from, to, Some(node.level - 1), out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds to `out` every block of an extent born after generation `after`.
+    pub fn changed_since(&mut self, root: u64, after: u64, out: &mut RoaringTreemap) -> Result<()> {
+        if root == 0 {
+            return Ok(());
+        }
+        let node = self.store.peek(root)?;
+        match &node.body {
+            Body::Leaf(extents) => {
+                for e in extents.iter().filter(|e| e.birth > after) {
+                    out.insert_range(e.lblock..e.end());
+                }
+            }
+            Body::Internal(children) => {
+                for c in children.iter().filter(|c| c.max_birth > after) {
+                    self.changed_since(c.page, after, out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Visits every node page and extent of a tree; `enter(page)` returns false to skip a
+    /// subtree already seen through another root.
+    pub fn walk(
+        &mut self,
+        root: u64,
+        enter: &mut dyn FnMut(u64) -> bool,
+        extent: &mut dyn FnMut(&Extent),
+    ) -> Result<()> {
+        self.walk_at(root, None, 0, enter, extent)
+    }
+
+    fn walk_at(
+        &mut self,
+        page: u64,
+        level: Option<u8>,
+        depth: u8,
+        enter: &mut dyn FnMut(u64) -> bool,
+        extent: &mut dyn FnMut(&Extent),
+    ) -> Result<()> {
+        if page == 0 || !enter(page) {
+            return Ok(());
+        }
+        if depth > TREE_HEIGHT_MAX {
+            return Err(Error::corrupt("extent map deeper than any valid tree", format!("meta page {page}")));
+        }
+        let node = self.store.peek(page)?;
+        check_level(&node, level, page)?;
+        match &node.body {
+            Body::Leaf(extents) => extents.iter().for_each(&mut *extent),
+            Body::Internal(children) => {
+                for c in children {
+                    self.walk_at(c.page, Some(node.level - 1), depth + 1, enter, extent)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Changes to one tree. `exclusive_since` is the owning head's: nodes born at or after it are
+/// referenced by no commit or other branch, so the copies they are replaced by free them.
+pub struct MapWriter<'a> {
+    pub store: &'a mut MetaStore,
+    pub exclusive_since: u64,
+}
+
+/// A node split off to the right: (first key, page, max birth).
+type Split = Option<(u64, u64, u64)>;
+
+impl MapWriter<'_> {
+    fn reader(&mut self) -> MapReader<'_> {
+        MapReader { store: self.store }
+    }
+
+    /// Makes `[from, to)` map to `target` (or to nothing with `None`), born in the current
+    /// generation. Returns the new root and the replaced extents, clipped to the range.
+    pub fn replace(&mut self, root: u64, from: u64, to: u64, target: Option<Target>) -> Result<(u64, Vec<Extent>)> {
+        let mut root = root;
+        let overlapping = self.reader().lookup_raw(root, from, to)?;
+        let mut removed = Vec::with_capacity(overlapping.len());
+        for e in overlapping {
+            removed.push(e.clip(from, to));
+            if e.lblock < from {
+                root = self.insert(root, Extent { len: from - e.lblock, ..e })?;
+            } else {
+                root = self.delete(root, e.lblock)?;
+            }
+            if e.end() > to {
+                root = self.insert(root, e.clip(to, e.end()))?;
+            }
+        }
+        if let Some(target) = target {
+            let gen = self.store.gen;
+            let mut at = from;
+            while at < to {
+                let len = (to - at).min(EXTENT_BLOCKS_MAX);
+                let target_at = match target {
+                    Target::Data(p) => Target::Data(p + (at - from)),
+                    Target::Zero => Target::Zero,
+                };
+                root = self.insert_merging(root, Extent { lblock: at, len, target: target_at, birth: gen })?;
+                at += len;
+            }
+        }
+        Ok((root, removed))
+    }
+
+    /// Inserts `e`, extending its left neighbour instead when it continues it exactly.
+    fn insert_merging(&mut self, root: u64, e: Extent) -> Result<u64> {
+        if root != 0 && e.lblock > 0 {
+            if let Some(prev) = self.reader().floor(root, e.lblock - 1)? {
+                let continues = match (prev.target, e.target) {
+                    (Target::Data(p), Target::Data(q)) => p + prev.len == q,
+                    (Target::Zero, Target::Zero) => true,
+                    _ => false,
+                };
+                if prev.end() == e.lblock && prev.birth == e.birth && continues && prev.len + e.len <= EXTENT_BLOCKS_MAX {
+                    return self.insert(root, Extent { len: prev.len + e.len, ..prev });
+                }
+            }
+        }
+        self.insert(root, e)
+    }
+
+    /// Copy-on-write access to a node: its (possibly new) page and a mutable copy.
+    fn cow(&mut self, page: u64) -> Result<(u64, Node)> {
+        let node = self.store.get(page)?;
+        if node.birth == self.store.gen {
+            return Ok((page, (*node).clone()));
+        }
+        let new_page = self.store.alloc_page();
+        self.store.release(page, node.birth, self.exclusive_since);
+        let mut copy = (*node).clone();
+        copy.birth = self.store.gen;
+        Ok((new_page, copy))
+    }
+
+    /// Inserts or replaces the entry with key `e.lblock`.
+    pub fn insert(&mut self, root: u64, e: Extent) -> Result<u64> {
+        if root == 0 {
+            let page = self.store.alloc_page();
+            let node = Node { birth: self.store.gen, level: 0, body: Body::Leaf(vec![e]) };
+            self.store.put(page, node)?;
+            return Ok(page);
+        }
+        let (page, max_birth, split) = self.insert_at(root, e)?;
+        let Some((key, right, right_max)) = split else { return Ok(page) };
+        let level = self.store.get(page)?.level + 1;
+        if level >= TREE_HEIGHT_MAX {
+            return Err(Error::corrupt("extent map grew beyond its height bound", format!("meta page {page}")));
+        }
+        let new_root = self.store.alloc_page();
+        let children = vec![Child { key: 0, page, max_birth }, Child { key, page: right, max_birth: right_max }];
+        self.store.put(new_root, Node { birth: self.store.gen, level, body: Body::Internal(children) })?;
+        Ok(new_root)
+    }
+
+    fn insert_at(&mut self, page: u64, e: Extent) -> Result<(u64, u64, Split)> {
+        let (page, mut node) = self.cow(page)?;
+        let split = match &mut node.body {
+            Body::Leaf(extents) => {
+                match extents.binary_search_by_key(&e.lblock, |x| x.lblock) {
+                    Ok(i) => extents[i] = e,
+                    Err(i) => extents.insert(i, e),
+                }
+                if extents.len() > LEAF_CAPACITY {
+                    let right: Vec<Extent> = extents.split_off(extents.len() / 2);
+                    Some((right[0].lblock, Body::Leaf(right)))
+                } else {
+                    None
+                }
+            }
+            Body::Internal(children) => {
+                let idx = route(children, e.lblock);
+                let (child_page, child_max, child_split) = self.insert_at(children[idx].page, e)?;
+                children[idx].page = child_page;
+                children[idx].max_birth = child_max;
+                if let Some((key, right, right_max)) = child_split {
+                    children.insert(idx + 1, Child { key, page: right, max_birth: right_max });
+                }
+                if children.len() > INTERNAL_CAPACITY {
+                    let right: Vec<Child> = children.split_off(children.len() / 2);
+                    Some((right[0].key, Body::Internal(right)))
+                } else {
+                    None
+                }
+            }
+        };
+        let split = match split {
+            Some((key, body)) => {
+                let right = Node { birth: self.store.gen, level: node.level, body };
+                let right_page = self.store.alloc_page();
+                let right_max = right.max_birth();
+                self.store.put(right_page, right)?;
+                Some((key, right_page, right_max))
+            }
+            None => None,
+        };
+        let max_birth = node.max_birth();
+        self.store.put(page, node)?;
+        Ok((page, max_birth, split))
+    }
+
+    /// Removes the entry with exactly key `key`.
+    pub fn delete(&mut self, root: u64, key: u64) -> Result<u64> {
+        let (page, _) = self.delete_at(root, key)?;
+        let Some(mut page) = page else { return Ok(0) };
+        // Collapse a root left with one child.
+        loop {
+            let node = self.store.get(page)?;
+            match &node.body {
+                Body::Internal(children) if children.len() == 1 => {
+                    let child = children[0].page;
+                    self.store.release(page, node.birth, self.exclusive_since);
+                    page = child;
+                }
+                _ => return Ok(page),
+            }
+        }
+    }
+
+    /// Returns the node's new page (None when it became empty and was released).
+    fn delete_at(&mut self, page: u64, key: u64) -> Result<(Option<u64>, u64)> {
+        let (page, mut node) = self.cow(page)?;
+        let empty = match &mut node.body {
+            Body::Leaf(extents) => {
+                if let Ok(i) = extents.binary_search_by_key(&key, |x| x.lblock) {
+                    extents.remove(i);
+                }
+                extents.is_empty()
+            }
+            Body::Internal(children) => {
+                let idx = route(children, key);
+                match self.delete_at(children[idx].page, key)? {
+                    (Some(child_page), child_max) => {
+                        children[idx].page = child_page;
+                        children[idx].max_birth = children[idx].max_birth.max(child_max);
+                    }
+                    (None, _) => {
+                        children.remove(idx);
+                        if idx == 0 {
+                            if let Some(first) = children.first_mut() {
+                                first.key = 0;
+                            }
+                        }
+                    }
+                }
+                children.is_empty()
+            }
+        };
+        if empty {
+            self.store.release(page, node.birth, self.exclusive_since);
+            return Ok((None, 0));
+        }
+        let max_birth = node.max_birth();
+        self.store.put(page, node)?;
+        Ok((Some(page), max_birth))
+    }
+}
+
+impl MapReader<'_> {
+    /// Unclipped extents overlapping `[from, to)`.
+    fn lookup_raw(&mut self, root: u64, from: u64, to: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        if root == 0 || from >= to {
+            return Ok(out);
+        }
+        if let Some(e) = self.floor(root, from)? {
+            if e.lblock < from && e.end() > from {
+                out.push(e);
+            }
+        }
+        self.range(root, from, to, None, &mut out)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocator::SpaceAllocator;
+    use crate::io::sim::SimDisk;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn store(cache_pages: usize) -> MetaStore {
+        MetaStore::new(SimDisk::new().backend(), cache_pages, SpaceAllocator::new(1), 1)
+    }
+
+    /// Model: block -> Some(physical) or None for zero; absent = hole.
+    fn model_apply(model: &mut BTreeMap<u64, Option<u64>>, from: u64, to: u64, target: Option<Target>) {
+        for b in from..to {
+            match target {
+                None => {
+                    model.remove(&b);
+                }
+                Some(Target::Zero) => {
+                    model.insert(b, None);
+                }
+                Some(Target::Data(p)) => {
+                    model.insert(b, Some(p + (b - from)));
+                }
+            }
+        }
+    }
+
+    fn tree_as_model(store: &mut MetaStore, root: u64, span: u64) -> BTreeMap<u64, Option<u64>> {
+        let mut out = BTreeMap::new();
+        for e in (MapReader { store }).lookup(root, 0, span).unwrap() {
+            for b in e.lblock..e.end() {
+                let v = match e.target {
+                    Target::Data(p) => Some(p + (b - e.lblock)),
+                    Target::Zero => None,
+                };
+                assert!(out.insert(b, v).is_none(), "overlapping extents at {b}");
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn replace_matches_a_model(ops in prop::collection::vec((0u64..3000, 1u64..300, 0u8..3, 0u64..1_000_000), 1..200),
+                                   cache in prop::sample::select(vec![64usize, 4096])) {
+            let mut store = store(cache);
+            let mut model = BTreeMap::new();
+            let mut root = 0;
+            let mut snapshots = Vec::new();
+            for (i, (from, len, kind, phys)) in ops.into_iter().enumerate() {
+                let target = match kind { 0 => None, 1 => Some(Target::Zero), _ => Some(Target::Data(phys)) };
+                let mut w = MapWriter { store: &mut store, exclusive_since: 0 };
+                root = w.replace(root, from, from + len, target).unwrap().0;
+                model_apply(&mut model, from, from + len, target);
+                if i % 37 == 0 {
+                    // A commit: freeze the generation so later changes copy on write.
+                    store.write_dirty().unwrap();
+                    store.gen += 1;
+                    snapshots.push((root, model.clone()));
+                }
+            }
+            prop_assert_eq!(tree_as_model(&mut store, root, 4000), model);
+            for (snap_root, snap_model) in snapshots {
+                prop_assert_eq!(tree_as_model(&mut store, snap_root, 4000), snap_model);
+            }
+        }
+    }
+
+    #[test]
+    fn changed_since_finds_only_new_extents() {
+        let mut store = store(1024);
+        let mut w = MapWriter { store: &mut store, exclusive_since: 0 };
+        let mut root = 0;
+        for i in 0..1000u64 {
+            root = w.replace(root, i * 2, i * 2 + 1, Some(Target::Data(10_000 + i))).unwrap().0;
+        }
+        store.gen += 1;
+        let mut w = MapWriter { store: &mut store, exclusive_since: 2 };
+        root = w.replace(root, 501, 504, Some(Target::Data(1))).unwrap().0;
+        let mut changed = RoaringTreemap::new();
+        MapReader { store: &mut store }.changed_since(root, 1, &mut changed).unwrap();
+        assert_eq!(changed.iter().collect::<Vec<_>>(), vec![501, 502, 503]);
+    }
+}

@@ -1,0 +1,148 @@
+//! Disk I/O behind one trait. Three backends implement it:
+//! - `uring`: io_uring through the `io-uring` crate, one ring owned by one thread;
+//! - `threads`: a small pool of threads doing positional reads and writes, the portable fallback
+//!   chosen automatically where io_uring is refused (a container's seccomp profile, old kernels);
+//! - `sim`: in memory, with crash injection that drops or tears every write not yet covered by a
+//!   completed sync. It is what makes crash tests possible.
+//!
+//! Operations pass owned buffers and get them back with the completion, so a buffer is never
+//! freed or reused while the kernel may still touch it. A short transfer is retried for the
+//! rest; reading past the end of a file yields zeros (files are sparse).
+
+pub mod sim;
+pub mod threads;
+pub mod uring;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The files of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    /// Data blocks.
+    Data = 0,
+    /// Metadata pages: extent-map nodes and commit bitmaps.
+    Meta = 1,
+    /// The append-only journal of catalog changes and sync points.
+    Journal = 2,
+}
+
+impl FileKind {
+    pub const ALL: [FileKind; 3] = [FileKind::Data, FileKind::Meta, FileKind::Journal];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            FileKind::Data => "data.grove",
+            FileKind::Meta => "meta.grove",
+            FileKind::Journal => "journal.grove",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum IoOp {
+    /// Fill `buf` from `offset`.
+    Read { file: FileKind, offset: u64, buf: Vec<u8> },
+    /// Write all of `buf` at `offset`.
+    Write { file: FileKind, offset: u64, buf: Vec<u8> },
+    /// Make every completed write to `file` durable (fdatasync).
+    Sync { file: FileKind },
+}
+
+/// The result of an operation, with the buffer handed back.
+pub struct IoDone {
+    pub buf: Vec<u8>,
+    pub result: io::Result<()>,
+}
+
+pub type Completion = Box<dyn FnOnce(IoDone) + Send>;
+
+pub trait IoBackend: Send + Sync + 'static {
+    /// "io_uring", "threads" or "sim".
+    fn name(&self) -> &'static str;
+    /// Starts `op`; `done` runs exactly once, on some backend thread, when it completes.
+    fn submit(&self, op: IoOp, done: Completion);
+    /// The current length of a file.
+    fn file_len(&self, file: FileKind) -> io::Result<u64>;
+    /// Shortens or extends a file (used to cut a torn journal tail).
+    fn set_len(&self, file: FileKind, len: u64) -> io::Result<()>;
+}
+
+/// Runs `op` and waits for it asynchronously.
+pub async fn run(backend: &dyn IoBackend, op: IoOp) -> IoDone {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    backend.submit(
+        op,
+        Box::new(move |done| {
+            // The receiver is gone only if the caller was cancelled; nothing to do then.
+            let _ = tx.send(done);
+        }),
+    );
+    match rx.await {
+        Ok(done) => done,
+        Err(_) => IoDone { buf: Vec::new(), result: Err(io::Error::other("I/O backend stopped")) },
+    }
+}
+
+/// Runs `op` and blocks the calling thread until it completes. For metadata I/O, which runs on
+/// blocking threads.
+pub fn run_blocking(backend: &dyn IoBackend, op: IoOp) -> IoDone {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    backend.submit(
+        op,
+        Box::new(move |done| {
+            let _ = tx.send(done);
+        }),
+    );
+    rx.recv().unwrap_or_else(|_| IoDone {
+        buf: Vec::new(),
+        result: Err(io::Error::other("I/O backend stopped")),
+    })
+}
+
+pub fn read_blocking(backend: &dyn IoBackend, file: FileKind, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let done = run_blocking(backend, IoOp::Read { file, offset, buf: vec![0; len] });
+    done.result.map(|()| done.buf)
+}
+
+pub fn write_blocking(backend: &dyn IoBackend, file: FileKind, offset: u64, buf: Vec<u8>) -> io::Result<()> {
+    run_blocking(backend, IoOp::Write { file, offset, buf }).result
+}
+
+pub fn sync_blocking(backend: &dyn IoBackend, file: FileKind) -> io::Result<()> {
+    run_blocking(backend, IoOp::Sync { file }).result
+}
+
+/// Opens (creating if needed) the pool files in `dir` for a file-backed backend.
+pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; 3]> {
+    let open = |kind: FileKind| {
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(kind.file_name()))
+    };
+    Ok([open(FileKind::Data)?, open(FileKind::Meta)?, open(FileKind::Journal)?])
+}
+
+/// Which backend to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    Auto,
+    IoUring,
+    Threads,
+}
+
+/// Opens a file-backed backend on the pool files in `dir`. `Auto` tries io_uring first and
+/// falls back to threads when the kernel refuses it.
+pub fn open_backend(dir: &Path, choice: BackendChoice) -> io::Result<Arc<dyn IoBackend>> {
+    let files = open_files(dir)?;
+    match choice {
+        BackendChoice::Threads => Ok(Arc::new(threads::ThreadsBackend::new(files))),
+        BackendChoice::IoUring => Ok(Arc::new(uring::UringBackend::new(files)?)),
+        BackendChoice::Auto => match uring::UringBackend::new(files) {
+            Ok(backend) => Ok(Arc::new(backend)),
+            Err(err) => {
+                tracing::warn!(error = %err, "io_uring is unavailable; using the thread-pool I/O backend");
+                Ok(Arc::new(threads::ThreadsBackend::new(open_files(dir)?)))
+            }
+        },
+    }
+}

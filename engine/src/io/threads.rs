@@ -1,0 +1,120 @@
+//! The portable backend: a fixed pool of threads doing positional I/O on the pool files.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+
+use super::{Completion, FileKind, IoBackend, IoDone, IoOp};
+
+/// Worker threads; enough to keep a queue depth of this many requests in the kernel.
+pub const THREADS_WORKERS: usize = 16;
+
+type Job = (IoOp, Completion);
+
+pub struct ThreadsBackend {
+    files: Arc<[File; 3]>,
+    sender: Mutex<Option<mpsc::Sender<Job>>>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl ThreadsBackend {
+    pub fn new(files: [File; 3]) -> Self {
+        let files = Arc::new(files);
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let workers = (0..THREADS_WORKERS)
+            .map(|i| {
+                let files = files.clone();
+                let receiver = receiver.clone();
+                thread::Builder::new()
+                    .name(format!("grove-io-{i}"))
+                    .spawn(move || worker(&files, &receiver))
+                    .expect("spawning an I/O thread at start-up")
+            })
+            .collect();
+        ThreadsBackend { files, sender: Mutex::new(Some(sender)), workers }
+    }
+}
+
+fn worker(files: &[File; 3], receiver: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = {
+            let Ok(receiver) = receiver.lock() else { return };
+            receiver.recv()
+        };
+        let Ok((op, done)) = job else { return };
+        done(execute(files, op));
+    }
+}
+
+/// Runs one operation with positional I/O; shared with the simulation's reference behaviour.
+pub(crate) fn execute(files: &[File; 3], op: IoOp) -> IoDone {
+    match op {
+        IoOp::Read { file, offset, mut buf } => {
+            let result = read_full(&files[file as usize], offset, &mut buf);
+            IoDone { buf, result }
+        }
+        IoOp::Write { file, offset, buf } => {
+            let result = files[file as usize].write_all_at(&buf, offset);
+            IoDone { buf, result }
+        }
+        IoOp::Sync { file } => IoDone { buf: Vec::new(), result: files[file as usize].sync_data() },
+    }
+}
+
+/// Reads until `buf` is full; past the end of the file the rest is zeros.
+fn read_full(file: &File, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, offset) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+impl IoBackend for ThreadsBackend {
+    fn name(&self) -> &'static str {
+        "threads"
+    }
+
+    fn submit(&self, op: IoOp, done: Completion) {
+        let sender = self.sender.lock().ok().and_then(|s| s.clone());
+        let rejected = match sender {
+            Some(sender) => sender.send((op, done)).err().map(|mpsc::SendError(job)| job),
+            None => Some((op, done)),
+        };
+        if let Some((_, done)) = rejected {
+            done(IoDone { buf: Vec::new(), result: Err(io::Error::other("I/O backend stopped")) });
+        }
+    }
+
+    fn file_len(&self, file: FileKind) -> io::Result<u64> {
+        Ok(self.files[file as usize].metadata()?.len())
+    }
+
+    fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
+        self.files[file as usize].set_len(len)
+    }
+}
+
+impl Drop for ThreadsBackend {
+    fn drop(&mut self) {
+        if let Ok(mut sender) = self.sender.lock() {
+            sender.take();
+        }
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! grove's storage engine: a pool of sparse 4 KiB-block volumes with git-like history.
+//!
+//! Every branch head and commit is a root of a persistent copy-on-write extent map; commits,
+//! branches and tags are O(1); each commit records a roaring bitmap of the blocks written since
+//! its parent. Disk I/O goes through one backend trait (io_uring, a thread pool, or an in-memory
+//! simulation with crash injection).
+//!
+//! The engine knows nothing of networks, protocols or HTTP, and never depends on another crate
+//! of the workspace.
+
+pub mod error;
+pub mod events;
+pub mod pool;
+pub mod session;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use events::{Event, EventBus};
+pub use pool::{IoChoice, Pool, PoolOptions};
+pub use session::{BlockStatus, ReadChunk, Session, SessionClient, SessionCounters, SessionInfo, ZeroMode};
+pub use types::*;
+
+pub(crate) mod allocator;
+pub(crate) mod extent_map;
+pub mod format;
+pub mod io;
+pub(crate) mod meta;

@@ -1,0 +1,361 @@
+//! The metadata store: extent-map nodes in 4 KiB pages of `meta.grove`, read through a bounded
+//! LRU cache, allocated and freed by generation (see FORMAT.md, "generations").
+//!
+//! A node whose birth is the current generation was created since the last sync point and is
+//! referenced by nothing durable or committed: it is changed in place. Any older node is copied
+//! on write. Dirty nodes are written when evicted or at the next sync.
+
+use std::collections::BTreeSet;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use lru::LruCache;
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::allocator::SpaceAllocator;
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::io::{self, FileKind, IoBackend};
+
+/// Where an extent's blocks are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Physical blocks of the data file, from this one on.
+    Data(u64),
+    /// No data: the range reads as zeros.
+    Zero,
+}
+
+/// A run of logical blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub lblock: u64,
+    pub len: u64,
+    pub target: Target,
+    pub birth: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.lblock + self.len
+    }
+
+    /// The part of the extent inside `[from, to)`.
+    pub fn clip(&self, from: u64, to: u64) -> Extent {
+        let start = self.lblock.max(from);
+        let end = self.end().min(to);
+        debug_assert!(start < end);
+        let target = match self.target {
+            Target::Data(p) => Target::Data(p + (start - self.lblock)),
+            Target::Zero => Target::Zero,
+        };
+        Extent { lblock: start, len: end - start, target, birth: self.birth }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Child {
+    pub key: u64,
+    pub page: u64,
+    pub max_birth: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    Leaf(Vec<Extent>),
+    Internal(Vec<Child>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub birth: u64,
+    pub level: u8,
+    pub body: Body,
+}
+
+/// Bound on tree height: a deeper tree on disk is corrupt (it guards descent against cycles).
+pub const TREE_HEIGHT_MAX: u8 = 16;
+
+impl Node {
+    pub fn max_birth(&self) -> u64 {
+        match &self.body {
+            Body::Leaf(extents) => extents.iter().map(|e| e.birth).max().unwrap_or(0),
+            Body::Internal(children) => children.iter().map(|c| c.max_birth).max().unwrap_or(0),
+        }
+    }
+
+    pub fn encode(&self, page_no: u64) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE_SIZE];
+        let (kind, count) = match &self.body {
+            Body::Leaf(e) => (NODE_LEAF, e.len()),
+            Body::Internal(c) => (NODE_INTERNAL, c.len()),
+        };
+        let header = PageHeader {
+            magic: NODE_MAGIC.into(),
+            kind,
+            level: self.level,
+            count: (count as u16).into(),
+            crc: 0.into(),
+            reserved: 0.into(),
+            page_no: page_no.into(),
+            birth: self.birth.into(),
+        };
+        page[..32].copy_from_slice(header.as_bytes());
+        match &self.body {
+            Body::Leaf(extents) => {
+                for (i, e) in extents.iter().enumerate() {
+                    let (pblock, flags) = match e.target {
+                        Target::Data(p) => (p, 0),
+                        Target::Zero => (0, EXTENT_ZERO),
+                    };
+                    let entry = LeafEntry {
+                        lblock: e.lblock.into(),
+                        pblock: pblock.into(),
+                        len: (e.len as u32).into(),
+                        flags: flags.into(),
+                        birth: e.birth.into(),
+                    };
+                    page[32 + i * 32..64 + i * 32].copy_from_slice(entry.as_bytes());
+                }
+            }
+            Body::Internal(children) => {
+                for (i, c) in children.iter().enumerate() {
+                    let entry = InternalEntry { key: c.key.into(), child: c.page.into(), max_birth: c.max_birth.into() };
+                    page[32 + i * 24..56 + i * 24].copy_from_slice(entry.as_bytes());
+                }
+            }
+        }
+        seal_page(&mut page);
+        page
+    }
+
+    /// Decodes and validates a node page: checksum, self-reference, counts and key order.
+    pub fn decode(page: &[u8], page_no: u64) -> Result<Node> {
+        let header = check_page(page, page_no)?;
+        let at = || format!("meta page {page_no}");
+        let count = header.count.get() as usize;
+        let mut last_key = None;
+        let mut ordered = |key: u64| {
+            let ok = last_key.is_none_or(|k| key > k);
+            last_key = Some(key);
+            ok
+        };
+        let body = match header.kind {
+            NODE_LEAF if count <= LEAF_CAPACITY && header.level == 0 => {
+                let mut extents = Vec::with_capacity(count);
+                for i in 0..count {
+                    let (e, _) = LeafEntry::read_from_prefix(&page[32 + i * 32..])
+                        .map_err(|_| Error::corrupt("extent-map leaf entry", at()))?;
+                    let flags = e.flags.get();
+                    let target = if flags & EXTENT_ZERO != 0 { Target::Zero } else { Target::Data(e.pblock.get()) };
+                    if e.len.get() == 0 || !ordered(e.lblock.get()) || flags & !EXTENT_ZERO != 0 {
+                        return Err(Error::corrupt("extent-map leaf (bad entry or order)", at()));
+                    }
+                    extents.push(Extent { lblock: e.lblock.get(), len: e.len.get() as u64, target, birth: e.birth.get() });
+                }
+                Body::Leaf(extents)
+            }
+            NODE_INTERNAL if count <= INTERNAL_CAPACITY && count > 0 && header.level > 0 && header.level < TREE_HEIGHT_MAX => {
+                let mut children = Vec::with_capacity(count);
+                for i in 0..count {
+                    let (c, _) = InternalEntry::read_from_prefix(&page[32 + i * 24..])
+                        .map_err(|_| Error::corrupt("extent-map internal entry", at()))?;
+                    if c.child.get() == 0 || !ordered(c.key.get()) {
+                        return Err(Error::corrupt("extent-map internal node (bad child or order)", at()));
+                    }
+                    children.push(Child { key: c.key.get(), page: c.child.get(), max_birth: c.max_birth.get() });
+                }
+                Body::Internal(children)
+            }
+            _ => return Err(Error::corrupt("extent-map node (bad kind, level or count)", at())),
+        };
+        Ok(Node { birth: header.birth.get(), level: header.level, body })
+    }
+}
+
+struct Cached {
+    node: Arc<Node>,
+    dirty: bool,
+}
+
+/// A deferred free: reusable once the sync point of generation `gen` is durable.
+#[derive(Clone, Copy, Debug)]
+pub struct PendingFree {
+    pub gen: u64,
+    pub start: u64,
+    pub len: u64,
+}
+
+pub struct MetaStore {
+    backend: Arc<dyn IoBackend>,
+    cache: LruCache<u64, Cached>,
+    /// Pages changed since the last sync and not yet written.
+    dirty: BTreeSet<u64>,
+    pub pages: SpaceAllocator,
+    pub pending_pages: Vec<PendingFree>,
+    /// The current generation: nodes born in it are mutable.
+    pub gen: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+impl MetaStore {
+    pub fn new(backend: Arc<dyn IoBackend>, cache_pages: usize, pages: SpaceAllocator, gen: u64) -> Self {
+        let cap = NonZeroUsize::new(cache_pages.max(64)).unwrap_or(NonZeroUsize::MIN);
+        MetaStore {
+            backend,
+            cache: LruCache::new(cap),
+            dirty: BTreeSet::new(),
+            pages,
+            pending_pages: Vec::new(),
+            gen,
+            cache_hits: 0,
+            cache_misses: 0,
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn IoBackend> {
+        &self.backend
+    }
+
+    /// Reads a node without caching it (for whole-pool walks that would flush the cache).
+    pub fn peek(&mut self, page: u64) -> Result<Arc<Node>> {
+        if let Some(cached) = self.cache.peek(&page) {
+            return Ok(cached.node.clone());
+        }
+        Ok(Arc::new(self.read(page)?))
+    }
+
+    fn read(&self, page: u64) -> Result<Node> {
+        if page == 0 || page >= self.pages.end() {
+            return Err(Error::corrupt(format!("extent-map pointer to page {page} outside the metadata file"), "meta.grove"));
+        }
+        let bytes = io::read_blocking(&*self.backend, FileKind::Meta, page * PAGE_SIZE as u64, PAGE_SIZE)?;
+        Node::decode(&bytes, page)
+    }
+
+    pub fn get(&mut self, page: u64) -> Result<Arc<Node>> {
+        if let Some(cached) = self.cache.get(&page) {
+            self.cache_hits += 1;
+            return Ok(cached.node.clone());
+        }
+        self.cache_misses += 1;
+        let node = Arc::new(self.read(page)?);
+        self.insert(page, Cached { node: node.clone(), dirty: false })?;
+        Ok(node)
+    }
+
+    /// Stores a node born in the current generation; written at eviction or the next sync.
+    pub fn put(&mut self, page: u64, node: Node) -> Result<()> {
+        debug_assert_eq!(node.birth, self.gen);
+        self.dirty.insert(page);
+        self.insert(page, Cached { node: Arc::new(node), dirty: true })
+    }
+
+    fn insert(&mut self, page: u64, cached: Cached) -> Result<()> {
+        if let Some((evicted, old)) = self.cache.push(page, cached) {
+            if evicted != page && old.dirty {
+                self.write_node(evicted, &old.node)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_node(&mut self, page: u64, node: &Node) -> Result<()> {
+        self.dirty.remove(&page);
+        io::write_blocking(&*self.backend, FileKind::Meta, page * PAGE_SIZE as u64, node.encode(page)).map_err(Error::from_io)
+    }
+
+    /// A fresh page for a node of the current generation.
+    pub fn alloc_page(&mut self) -> u64 {
+        self.pages.alloc(1).0
+    }
+
+    /// Releases a node's page. A node of the current generation is referenced by nothing
+    /// durable and is freed at once; an older one that only this tree owned is freed after the
+    /// next sync; a shared one is left alone.
+    pub fn release(&mut self, page: u64, birth: u64, exclusive_since: u64) {
+        if birth == self.gen {
+            self.cache.pop(&page);
+            self.dirty.remove(&page);
+            self.pages.free(page, 1);
+        } else if birth >= exclusive_since {
+            self.pending_pages.push(PendingFree { gen: self.gen, start: page, len: 1 });
+        }
+    }
+
+    /// Writes every dirty node (part of a sync).
+    pub fn write_dirty(&mut self) -> Result<usize> {
+        let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+        for &page in &dirty {
+            if let Some(cached) = self.cache.peek_mut(&page) {
+                cached.dirty = false;
+                let node = cached.node.clone();
+                io::write_blocking(&*self.backend, FileKind::Meta, page * PAGE_SIZE as u64, node.encode(page)).map_err(Error::from_io)?;
+            }
+        }
+        Ok(dirty.len())
+    }
+
+    pub fn dirty_pages(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Writes a blob (a commit bitmap) to fresh contiguous pages; returns its first page.
+    pub fn write_blob(&mut self, bytes: &[u8]) -> Result<u64> {
+        let pages = (bytes.len() as u64).div_ceil(PAGE_SIZE as u64).max(1);
+        let start = self.pages.alloc_contiguous(pages);
+        let mut buf = bytes.to_vec();
+        buf.resize((pages as usize) * PAGE_SIZE, 0);
+        io::write_blocking(&*self.backend, FileKind::Meta, start * PAGE_SIZE as u64, buf).map_err(Error::from_io)?;
+        Ok(start)
+    }
+
+    pub fn read_blob(&self, start: u64, len_bytes: u64, crc: u32) -> Result<Vec<u8>> {
+        let pages = len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
+        if start == 0 || start + pages > self.pages.end() {
+            return Err(Error::corrupt("commit bitmap pointer outside the metadata file", format!("meta page {start}")));
+        }
+        let mut bytes = io::read_blocking(&*self.backend, FileKind::Meta, start * PAGE_SIZE as u64, len_bytes as usize)?;
+        bytes.truncate(len_bytes as usize);
+        if crc32c::crc32c(&bytes) != crc {
+            return Err(Error::corrupt("commit bitmap (checksum mismatch)", format!("meta page {start}")));
+        }
+        Ok(bytes)
+    }
+
+    /// Frees pages whose deferral ended with the durable sync point `synced_gen`.
+    pub fn release_pending(&mut self, synced_gen: u64) {
+        let (ready, keep): (Vec<_>, Vec<_>) = self.pending_pages.drain(..).partition(|p| p.gen <= synced_gen);
+        self.pending_pages = keep;
+        for p in ready {
+            self.cache.pop(&p.start);
+            self.pages.free(p.start, p.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_round_trip_and_corruption() {
+        let leaf = Node {
+            birth: 7,
+            level: 0,
+            body: Body::Leaf(vec![
+                Extent { lblock: 1, len: 3, target: Target::Data(100), birth: 5 },
+                Extent { lblock: 10, len: 2, target: Target::Zero, birth: 7 },
+            ]),
+        };
+        let page = leaf.encode(42);
+        assert_eq!(Node::decode(&page, 42).unwrap(), leaf);
+        assert!(Node::decode(&page, 43).is_err());
+        let mut bad = page.clone();
+        bad[40] ^= 1;
+        assert!(matches!(Node::decode(&bad, 42), Err(Error::Corrupt { .. })));
+        let internal = Node { birth: 1, level: 1, body: Body::Internal(vec![Child { key: 0, page: 3, max_birth: 1 }]) };
+        assert_eq!(Node::decode(&internal.encode(9), 9).unwrap(), internal);
+    }
+}
