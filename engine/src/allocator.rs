@@ -20,7 +20,12 @@ pub struct SpaceAllocator {
 
 impl SpaceAllocator {
     pub fn new(first: u64) -> Self {
-        SpaceAllocator { free: BTreeMap::new(), first, end: first, used: 0 }
+        SpaceAllocator {
+            free: BTreeMap::new(),
+            first,
+            end: first,
+            used: 0,
+        }
     }
 
     /// Builds the allocator from the set of used units.
@@ -71,7 +76,11 @@ impl SpaceAllocator {
 
     /// Takes `n` contiguous units.
     pub fn alloc_contiguous(&mut self, n: u64) -> u64 {
-        let found = self.free.iter().find(|(_, &len)| len >= n).map(|(&s, &l)| (s, l));
+        let found = self
+            .free
+            .iter()
+            .find(|(_, &len)| len >= n)
+            .map(|(&s, &l)| (s, l));
         self.used += n;
         match found {
             Some((start, len)) => {
@@ -91,7 +100,10 @@ impl SpaceAllocator {
 
     /// Returns a run; neighbouring free runs are merged.
     pub fn free(&mut self, mut start: u64, mut len: u64) {
-        debug_assert!(start >= self.first && start + len <= self.end, "freeing {start}+{len} outside the file");
+        debug_assert!(
+            start >= self.first && start + len <= self.end,
+            "freeing {start}+{len} outside the file"
+        );
         self.used -= len;
         if let Some((&prev, &prev_len)) = self.free.range(..start).next_back() {
             if prev + prev_len == start {

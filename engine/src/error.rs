@@ -28,7 +28,11 @@ pub enum Error {
     ReadOnly(String),
     /// An I/O range runs past the end of the volume.
     #[error("range {offset_bytes}+{len_bytes} is beyond the volume size {size_bytes}")]
-    OutOfRange { offset_bytes: u64, len_bytes: u64, size_bytes: u64 },
+    OutOfRange {
+        offset_bytes: u64,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
     /// The pool has no space left.
     #[error("no space left in the pool")]
     NoSpace,
@@ -59,7 +63,10 @@ impl Error {
     }
 
     pub(crate) fn corrupt(what: impl Into<String>, at: impl Into<String>) -> Self {
-        Error::Corrupt { what: what.into(), at: at.into() }
+        Error::Corrupt {
+            what: what.into(),
+            at: at.into(),
+        }
     }
 
     /// Maps I/O errors that mean "the disk is full" to `NoSpace`.

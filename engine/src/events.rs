@@ -17,11 +17,19 @@ pub enum Event {
     #[serde(rename = "volume.deleted")]
     VolumeDeleted { volume: String },
     #[serde(rename = "branch.created")]
-    BranchCreated { volume: String, branch: String, from: Option<CommitId> },
+    BranchCreated {
+        volume: String,
+        branch: String,
+        from: Option<CommitId>,
+    },
     #[serde(rename = "branch.deleted")]
     BranchDeleted { volume: String, branch: String },
     #[serde(rename = "tag.created")]
-    TagCreated { volume: String, tag: String, commit: CommitId },
+    TagCreated {
+        volume: String,
+        tag: String,
+        commit: CommitId,
+    },
     #[serde(rename = "tag.deleted")]
     TagDeleted { volume: String, tag: String },
     #[serde(rename = "commit.created")]
@@ -33,9 +41,18 @@ pub enum Event {
         changed_blocks: u64,
     },
     #[serde(rename = "session.opened")]
-    SessionOpened { session: u64, export: String, protocol: String, client: String },
+    SessionOpened {
+        session: u64,
+        export: String,
+        protocol: String,
+        client: String,
+    },
     #[serde(rename = "session.closed")]
-    SessionClosed { session: u64, export: String, counters: crate::session::SessionCounters },
+    SessionClosed {
+        session: u64,
+        export: String,
+        counters: crate::session::SessionCounters,
+    },
 }
 
 impl Event {

@@ -22,7 +22,13 @@ fn route(children: &[Child], key: u64) -> usize {
 
 fn check_level(node: &Node, expected: Option<u8>, page: u64) -> Result<()> {
     if expected.is_some_and(|l| l != node.level) {
-        return Err(Error::corrupt(format!("extent-map node at level {} where {:?} was expected", node.level, expected), format!("meta page {page}")));
+        return Err(Error::corrupt(
+            format!(
+                "extent-map node at level {} where {:?} was expected",
+                node.level, expected
+            ),
+            format!("meta page {page}"),
+        ));
     }
     Ok(())
 }
@@ -92,7 +98,14 @@ impl MapReader<'_> {
     }
 
     /// Extents whose start is in `[from, to)`.
-    fn range(&mut self, page: u64, from: u64, to: u64, level: Option<u8>, out: &mut Vec<Extent>) -> Result<()> {
+    fn range(
+        &mut self,
+        page: u64,
+        from: u64,
+        to: u64,
+        level: Option<u8>,
+        out: &mut Vec<Extent>,
+    ) -> Result<()> {
         let node = self.store.get(page)?;
         check_level(&node, level, page)?;
         match &node.body {
@@ -157,7 +170,10 @@ impl MapReader<'_> {
             return Ok(());
         }
         if depth > TREE_HEIGHT_MAX {
-            return Err(Error::corrupt("extent map deeper than any valid tree", format!("meta page {page}")));
+            return Err(Error::corrupt(
+                "extent map deeper than any valid tree",
+                format!("meta page {page}"),
+            ));
         }
         let node = self.store.peek(page)?;
         check_level(&node, level, page)?;
@@ -190,14 +206,26 @@ impl MapWriter<'_> {
 
     /// Makes `[from, to)` map to `target` (or to nothing with `None`), born in the current
     /// generation. Returns the new root and the replaced extents, clipped to the range.
-    pub fn replace(&mut self, root: u64, from: u64, to: u64, target: Option<Target>) -> Result<(u64, Vec<Extent>)> {
+    pub fn replace(
+        &mut self,
+        root: u64,
+        from: u64,
+        to: u64,
+        target: Option<Target>,
+    ) -> Result<(u64, Vec<Extent>)> {
         let mut root = root;
         let overlapping = self.reader().lookup_raw(root, from, to)?;
         let mut removed = Vec::with_capacity(overlapping.len());
         for e in overlapping {
             removed.push(e.clip(from, to));
             if e.lblock < from {
-                root = self.insert(root, Extent { len: from - e.lblock, ..e })?;
+                root = self.insert(
+                    root,
+                    Extent {
+                        len: from - e.lblock,
+                        ..e
+                    },
+                )?;
             } else {
                 root = self.delete(root, e.lblock)?;
             }
@@ -214,7 +242,15 @@ impl MapWriter<'_> {
                     Target::Data(p) => Target::Data(p + (at - from)),
                     Target::Zero => Target::Zero,
                 };
-                root = self.insert_merging(root, Extent { lblock: at, len, target: target_at, birth: gen })?;
+                root = self.insert_merging(
+                    root,
+                    Extent {
+                        lblock: at,
+                        len,
+                        target: target_at,
+                        birth: gen,
+                    },
+                )?;
                 at += len;
             }
         }
@@ -230,8 +266,18 @@ impl MapWriter<'_> {
                     (Target::Zero, Target::Zero) => true,
                     _ => false,
                 };
-                if prev.end() == e.lblock && prev.birth == e.birth && continues && prev.len + e.len <= EXTENT_BLOCKS_MAX {
-                    return self.insert(root, Extent { len: prev.len + e.len, ..prev });
+                if prev.end() == e.lblock
+                    && prev.birth == e.birth
+                    && continues
+                    && prev.len + e.len <= EXTENT_BLOCKS_MAX
+                {
+                    return self.insert(
+                        root,
+                        Extent {
+                            len: prev.len + e.len,
+                            ..prev
+                        },
+                    );
                 }
             }
         }
@@ -255,19 +301,46 @@ impl MapWriter<'_> {
     pub fn insert(&mut self, root: u64, e: Extent) -> Result<u64> {
         if root == 0 {
             let page = self.store.alloc_page();
-            let node = Node { birth: self.store.gen, level: 0, body: Body::Leaf(vec![e]) };
+            let node = Node {
+                birth: self.store.gen,
+                level: 0,
+                body: Body::Leaf(vec![e]),
+            };
             self.store.put(page, node)?;
             return Ok(page);
         }
         let (page, max_birth, split) = self.insert_at(root, e)?;
-        let Some((key, right, right_max)) = split else { return Ok(page) };
+        let Some((key, right, right_max)) = split else {
+            return Ok(page);
+        };
         let level = self.store.get(page)?.level + 1;
         if level >= TREE_HEIGHT_MAX {
-            return Err(Error::corrupt("extent map grew beyond its height bound", format!("meta page {page}")));
+            return Err(Error::corrupt(
+                "extent map grew beyond its height bound",
+                format!("meta page {page}"),
+            ));
         }
         let new_root = self.store.alloc_page();
-        let children = vec![Child { key: 0, page, max_birth }, Child { key, page: right, max_birth: right_max }];
-        self.store.put(new_root, Node { birth: self.store.gen, level, body: Body::Internal(children) })?;
+        let children = vec![
+            Child {
+                key: 0,
+                page,
+                max_birth,
+            },
+            Child {
+                key,
+                page: right,
+                max_birth: right_max,
+            },
+        ];
+        self.store.put(
+            new_root,
+            Node {
+                birth: self.store.gen,
+                level,
+                body: Body::Internal(children),
+            },
+        )?;
         Ok(new_root)
     }
 
@@ -292,7 +365,14 @@ impl MapWriter<'_> {
                 children[idx].page = child_page;
                 children[idx].max_birth = child_max;
                 if let Some((key, right, right_max)) = child_split {
-                    children.insert(idx + 1, Child { key, page: right, max_birth: right_max });
+                    children.insert(
+                        idx + 1,
+                        Child {
+                            key,
+                            page: right,
+                            max_birth: right_max,
+                        },
+                    );
                 }
                 if children.len() > INTERNAL_CAPACITY {
                     let right: Vec<Child> = children.split_off(children.len() / 2);
@@ -304,7 +384,11 @@ impl MapWriter<'_> {
         };
         let split = match split {
             Some((key, body)) => {
-                let right = Node { birth: self.store.gen, level: node.level, body };
+                let right = Node {
+                    birth: self.store.gen,
+                    level: node.level,
+                    body,
+                };
                 let right_page = self.store.alloc_page();
                 let right_max = right.max_birth();
                 self.store.put(right_page, right)?;
@@ -400,11 +484,21 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn store(cache_pages: usize) -> MetaStore {
-        MetaStore::new(SimDisk::new().backend(), cache_pages, SpaceAllocator::new(1), 1)
+        MetaStore::new(
+            SimDisk::new().backend(),
+            cache_pages,
+            SpaceAllocator::new(1),
+            1,
+        )
     }
 
     /// Model: block -> Some(physical) or None for zero; absent = hole.
-    fn model_apply(model: &mut BTreeMap<u64, Option<u64>>, from: u64, to: u64, target: Option<Target>) {
+    fn model_apply(
+        model: &mut BTreeMap<u64, Option<u64>>,
+        from: u64,
+        to: u64,
+        target: Option<Target>,
+    ) {
         for b in from..to {
             match target {
                 None => {
@@ -465,16 +559,27 @@ mod tests {
     #[test]
     fn changed_since_finds_only_new_extents() {
         let mut store = store(1024);
-        let mut w = MapWriter { store: &mut store, exclusive_since: 0 };
+        let mut w = MapWriter {
+            store: &mut store,
+            exclusive_since: 0,
+        };
         let mut root = 0;
         for i in 0..1000u64 {
-            root = w.replace(root, i * 2, i * 2 + 1, Some(Target::Data(10_000 + i))).unwrap().0;
+            root = w
+                .replace(root, i * 2, i * 2 + 1, Some(Target::Data(10_000 + i)))
+                .unwrap()
+                .0;
         }
         store.gen += 1;
-        let mut w = MapWriter { store: &mut store, exclusive_since: 2 };
+        let mut w = MapWriter {
+            store: &mut store,
+            exclusive_since: 2,
+        };
         root = w.replace(root, 501, 504, Some(Target::Data(1))).unwrap().0;
         let mut changed = RoaringTreemap::new();
-        MapReader { store: &mut store }.changed_since(root, 1, &mut changed).unwrap();
+        MapReader { store: &mut store }
+            .changed_since(root, 1, &mut changed)
+            .unwrap();
         assert_eq!(changed.iter().collect::<Vec<_>>(), vec![501, 502, 503]);
     }
 }

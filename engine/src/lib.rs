@@ -17,11 +17,17 @@ pub mod types;
 pub use error::{Error, Result};
 pub use events::{Event, EventBus};
 pub use pool::{IoChoice, Pool, PoolOptions};
-pub use session::{BlockStatus, ReadChunk, Session, SessionClient, SessionCounters, SessionInfo, ZeroMode};
+pub use roaring::RoaringTreemap;
+pub use session::{
+    BlockStatus, ReadChunk, Session, SessionClient, SessionCounters, SessionInfo, ZeroMode,
+};
 pub use types::*;
 
 pub(crate) mod allocator;
+pub(crate) mod catalog;
 pub(crate) mod extent_map;
 pub mod format;
+pub(crate) mod grace;
 pub mod io;
 pub(crate) mod meta;
+pub(crate) mod range_lock;

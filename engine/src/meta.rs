@@ -49,7 +49,12 @@ impl Extent {
             Target::Data(p) => Target::Data(p + (start - self.lblock)),
             Target::Zero => Target::Zero,
         };
-        Extent { lblock: start, len: end - start, target, birth: self.birth }
+        Extent {
+            lblock: start,
+            len: end - start,
+            target,
+            birth: self.birth,
+        }
     }
 }
 
@@ -120,7 +125,11 @@ impl Node {
             }
             Body::Internal(children) => {
                 for (i, c) in children.iter().enumerate() {
-                    let entry = InternalEntry { key: c.key.into(), child: c.page.into(), max_birth: c.max_birth.into() };
+                    let entry = InternalEntry {
+                        key: c.key.into(),
+                        child: c.page.into(),
+                        max_birth: c.max_birth.into(),
+                    };
                     page[32 + i * 24..56 + i * 24].copy_from_slice(entry.as_bytes());
                 }
             }
@@ -147,29 +156,59 @@ impl Node {
                     let (e, _) = LeafEntry::read_from_prefix(&page[32 + i * 32..])
                         .map_err(|_| Error::corrupt("extent-map leaf entry", at()))?;
                     let flags = e.flags.get();
-                    let target = if flags & EXTENT_ZERO != 0 { Target::Zero } else { Target::Data(e.pblock.get()) };
+                    let target = if flags & EXTENT_ZERO != 0 {
+                        Target::Zero
+                    } else {
+                        Target::Data(e.pblock.get())
+                    };
                     if e.len.get() == 0 || !ordered(e.lblock.get()) || flags & !EXTENT_ZERO != 0 {
                         return Err(Error::corrupt("extent-map leaf (bad entry or order)", at()));
                     }
-                    extents.push(Extent { lblock: e.lblock.get(), len: e.len.get() as u64, target, birth: e.birth.get() });
+                    extents.push(Extent {
+                        lblock: e.lblock.get(),
+                        len: e.len.get() as u64,
+                        target,
+                        birth: e.birth.get(),
+                    });
                 }
                 Body::Leaf(extents)
             }
-            NODE_INTERNAL if count <= INTERNAL_CAPACITY && count > 0 && header.level > 0 && header.level < TREE_HEIGHT_MAX => {
+            NODE_INTERNAL
+                if count <= INTERNAL_CAPACITY
+                    && count > 0
+                    && header.level > 0
+                    && header.level < TREE_HEIGHT_MAX =>
+            {
                 let mut children = Vec::with_capacity(count);
                 for i in 0..count {
                     let (c, _) = InternalEntry::read_from_prefix(&page[32 + i * 24..])
                         .map_err(|_| Error::corrupt("extent-map internal entry", at()))?;
                     if c.child.get() == 0 || !ordered(c.key.get()) {
-                        return Err(Error::corrupt("extent-map internal node (bad child or order)", at()));
+                        return Err(Error::corrupt(
+                            "extent-map internal node (bad child or order)",
+                            at(),
+                        ));
                     }
-                    children.push(Child { key: c.key.get(), page: c.child.get(), max_birth: c.max_birth.get() });
+                    children.push(Child {
+                        key: c.key.get(),
+                        page: c.child.get(),
+                        max_birth: c.max_birth.get(),
+                    });
                 }
                 Body::Internal(children)
             }
-            _ => return Err(Error::corrupt("extent-map node (bad kind, level or count)", at())),
+            _ => {
+                return Err(Error::corrupt(
+                    "extent-map node (bad kind, level or count)",
+                    at(),
+                ))
+            }
         };
-        Ok(Node { birth: header.birth.get(), level: header.level, body })
+        Ok(Node {
+            birth: header.birth.get(),
+            level: header.level,
+            body,
+        })
     }
 }
 
@@ -200,7 +239,12 @@ pub struct MetaStore {
 }
 
 impl MetaStore {
-    pub fn new(backend: Arc<dyn IoBackend>, cache_pages: usize, pages: SpaceAllocator, gen: u64) -> Self {
+    pub fn new(
+        backend: Arc<dyn IoBackend>,
+        cache_pages: usize,
+        pages: SpaceAllocator,
+        gen: u64,
+    ) -> Self {
         let cap = NonZeroUsize::new(cache_pages.max(64)).unwrap_or(NonZeroUsize::MIN);
         MetaStore {
             backend,
@@ -214,10 +258,6 @@ impl MetaStore {
         }
     }
 
-    pub fn backend(&self) -> &Arc<dyn IoBackend> {
-        &self.backend
-    }
-
     /// Reads a node without caching it (for whole-pool walks that would flush the cache).
     pub fn peek(&mut self, page: u64) -> Result<Arc<Node>> {
         if let Some(cached) = self.cache.peek(&page) {
@@ -228,9 +268,17 @@ impl MetaStore {
 
     fn read(&self, page: u64) -> Result<Node> {
         if page == 0 || page >= self.pages.end() {
-            return Err(Error::corrupt(format!("extent-map pointer to page {page} outside the metadata file"), "meta.grove"));
+            return Err(Error::corrupt(
+                format!("extent-map pointer to page {page} outside the metadata file"),
+                "meta.grove",
+            ));
         }
-        let bytes = io::read_blocking(&*self.backend, FileKind::Meta, page * PAGE_SIZE as u64, PAGE_SIZE)?;
+        let bytes = io::read_blocking(
+            &*self.backend,
+            FileKind::Meta,
+            page * PAGE_SIZE as u64,
+            PAGE_SIZE,
+        )?;
         Node::decode(&bytes, page)
     }
 
@@ -241,7 +289,13 @@ impl MetaStore {
         }
         self.cache_misses += 1;
         let node = Arc::new(self.read(page)?);
-        self.insert(page, Cached { node: node.clone(), dirty: false })?;
+        self.insert(
+            page,
+            Cached {
+                node: node.clone(),
+                dirty: false,
+            },
+        )?;
         Ok(node)
     }
 
@@ -249,7 +303,13 @@ impl MetaStore {
     pub fn put(&mut self, page: u64, node: Node) -> Result<()> {
         debug_assert_eq!(node.birth, self.gen);
         self.dirty.insert(page);
-        self.insert(page, Cached { node: Arc::new(node), dirty: true })
+        self.insert(
+            page,
+            Cached {
+                node: Arc::new(node),
+                dirty: true,
+            },
+        )
     }
 
     fn insert(&mut self, page: u64, cached: Cached) -> Result<()> {
@@ -263,7 +323,13 @@ impl MetaStore {
 
     fn write_node(&mut self, page: u64, node: &Node) -> Result<()> {
         self.dirty.remove(&page);
-        io::write_blocking(&*self.backend, FileKind::Meta, page * PAGE_SIZE as u64, node.encode(page)).map_err(Error::from_io)
+        io::write_blocking(
+            &*self.backend,
+            FileKind::Meta,
+            page * PAGE_SIZE as u64,
+            node.encode(page),
+        )
+        .map_err(Error::from_io)
     }
 
     /// A fresh page for a node of the current generation.
@@ -280,7 +346,11 @@ impl MetaStore {
             self.dirty.remove(&page);
             self.pages.free(page, 1);
         } else if birth >= exclusive_since {
-            self.pending_pages.push(PendingFree { gen: self.gen, start: page, len: 1 });
+            self.pending_pages.push(PendingFree {
+                gen: self.gen,
+                start: page,
+                len: 1,
+            });
         }
     }
 
@@ -291,7 +361,13 @@ impl MetaStore {
             if let Some(cached) = self.cache.peek_mut(&page) {
                 cached.dirty = false;
                 let node = cached.node.clone();
-                io::write_blocking(&*self.backend, FileKind::Meta, page * PAGE_SIZE as u64, node.encode(page)).map_err(Error::from_io)?;
+                io::write_blocking(
+                    &*self.backend,
+                    FileKind::Meta,
+                    page * PAGE_SIZE as u64,
+                    node.encode(page),
+                )
+                .map_err(Error::from_io)?;
             }
         }
         Ok(dirty.len())
@@ -307,26 +383,46 @@ impl MetaStore {
         let start = self.pages.alloc_contiguous(pages);
         let mut buf = bytes.to_vec();
         buf.resize((pages as usize) * PAGE_SIZE, 0);
-        io::write_blocking(&*self.backend, FileKind::Meta, start * PAGE_SIZE as u64, buf).map_err(Error::from_io)?;
+        io::write_blocking(
+            &*self.backend,
+            FileKind::Meta,
+            start * PAGE_SIZE as u64,
+            buf,
+        )
+        .map_err(Error::from_io)?;
         Ok(start)
     }
 
     pub fn read_blob(&self, start: u64, len_bytes: u64, crc: u32) -> Result<Vec<u8>> {
         let pages = len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
         if start == 0 || start + pages > self.pages.end() {
-            return Err(Error::corrupt("commit bitmap pointer outside the metadata file", format!("meta page {start}")));
+            return Err(Error::corrupt(
+                "commit bitmap pointer outside the metadata file",
+                format!("meta page {start}"),
+            ));
         }
-        let mut bytes = io::read_blocking(&*self.backend, FileKind::Meta, start * PAGE_SIZE as u64, len_bytes as usize)?;
+        let mut bytes = io::read_blocking(
+            &*self.backend,
+            FileKind::Meta,
+            start * PAGE_SIZE as u64,
+            len_bytes as usize,
+        )?;
         bytes.truncate(len_bytes as usize);
         if crc32c::crc32c(&bytes) != crc {
-            return Err(Error::corrupt("commit bitmap (checksum mismatch)", format!("meta page {start}")));
+            return Err(Error::corrupt(
+                "commit bitmap (checksum mismatch)",
+                format!("meta page {start}"),
+            ));
         }
         Ok(bytes)
     }
 
     /// Frees pages whose deferral ended with the durable sync point `synced_gen`.
     pub fn release_pending(&mut self, synced_gen: u64) {
-        let (ready, keep): (Vec<_>, Vec<_>) = self.pending_pages.drain(..).partition(|p| p.gen <= synced_gen);
+        let (ready, keep): (Vec<_>, Vec<_>) = self
+            .pending_pages
+            .drain(..)
+            .partition(|p| p.gen <= synced_gen);
         self.pending_pages = keep;
         for p in ready {
             self.cache.pop(&p.start);
@@ -345,8 +441,18 @@ mod tests {
             birth: 7,
             level: 0,
             body: Body::Leaf(vec![
-                Extent { lblock: 1, len: 3, target: Target::Data(100), birth: 5 },
-                Extent { lblock: 10, len: 2, target: Target::Zero, birth: 7 },
+                Extent {
+                    lblock: 1,
+                    len: 3,
+                    target: Target::Data(100),
+                    birth: 5,
+                },
+                Extent {
+                    lblock: 10,
+                    len: 2,
+                    target: Target::Zero,
+                    birth: 7,
+                },
             ]),
         };
         let page = leaf.encode(42);
@@ -355,7 +461,15 @@ mod tests {
         let mut bad = page.clone();
         bad[40] ^= 1;
         assert!(matches!(Node::decode(&bad, 42), Err(Error::Corrupt { .. })));
-        let internal = Node { birth: 1, level: 1, body: Body::Internal(vec![Child { key: 0, page: 3, max_birth: 1 }]) };
+        let internal = Node {
+            birth: 1,
+            level: 1,
+            body: Body::Internal(vec![Child {
+                key: 0,
+                page: 3,
+                max_birth: 1,
+            }]),
+        };
         assert_eq!(Node::decode(&internal.encode(9), 9).unwrap(), internal);
     }
 }

@@ -1,14 +1,26 @@
 //! The pool: the data directory with its data file, metadata pages and journal, and the
-//! catalog of volumes, branches, commits and tags in it.
+//! catalog of volumes, branches, commits and tags in it. This module owns the sync protocol
+//! (FORMAT.md, "sync points"); `session.rs` holds the data path.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+use roaring::RoaringTreemap;
 use tokio::sync::broadcast;
 
-use crate::error::Result;
+use crate::allocator::SpaceAllocator;
+use crate::catalog::*;
+use crate::error::{Error, Result};
 use crate::events::{Event, EventBus};
-use crate::session::{Session, SessionClient, SessionInfo};
+use crate::extent_map::MapReader;
+use crate::format::*;
+use crate::grace::Grace;
+use crate::io::{self, BackendChoice, FileKind, IoBackend};
+use crate::meta::{MetaStore, PendingFree, Target};
+use crate::session::{AtomicCounters, Session, SessionClient, SessionInfo, SessionTarget};
 use crate::types::*;
 
 /// Which disk I/O backend to use.
@@ -26,18 +38,80 @@ pub enum IoChoice {
 pub struct PoolOptions {
     pub data_dir: PathBuf,
     pub io: IoChoice,
-    /// Bound on the metadata page cache.
+    /// Bound on the metadata page cache, in bytes (at least 64 pages).
     pub cache_bytes: u64,
 }
 
 impl PoolOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        PoolOptions { data_dir: data_dir.into(), io: IoChoice::Auto, cache_bytes: 256 << 20 }
+        PoolOptions {
+            data_dir: data_dir.into(),
+            io: IoChoice::Auto,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Everything behind the state lock.
+pub(crate) struct State {
+    pub meta: MetaStore,
+    pub data: SpaceAllocator,
+    /// Data blocks freed, reusable after the sync point of their generation.
+    pub pending_data: Vec<PendingFree>,
+    pub catalog: Catalog,
+    /// Heads whose durable state changed since the last sync point.
+    pub dirty_heads: BTreeSet<u64>,
+    /// Where the next journal record goes.
+    pub journal_end: u64,
+}
+
+impl State {
+    fn head_records(&mut self) -> Vec<HeadRecord> {
+        let ids = std::mem::take(&mut self.dirty_heads);
+        ids.into_iter()
+            .filter_map(|id| self.catalog.heads.get(&id).map(|h| h.record.clone()))
+            .collect()
+    }
+
+    /// Frees the data blocks of removed extents that only the head owned (born since its
+    /// `exclusive_since`), and takes them off the volume's count.
+    pub fn release_extents(
+        &mut self,
+        volume: &str,
+        removed: &[crate::meta::Extent],
+        exclusive_since: u64,
+    ) {
+        let gen = self.meta.gen;
+        let mut freed = 0;
+        for e in removed {
+            if let Target::Data(p) = e.target {
+                if e.birth >= exclusive_since {
+                    self.pending_data.push(PendingFree {
+                        gen,
+                        start: p,
+                        len: e.len,
+                    });
+                    freed += e.len;
+                }
+            }
+        }
+        if let Some(vol) = self.catalog.volumes.get_mut(volume) {
+            vol.blocks = vol.blocks.saturating_sub(freed);
+        }
     }
 }
 
 pub(crate) struct PoolInner {
     pub(crate) events: EventBus,
+    pub(crate) backend: Arc<dyn IoBackend>,
+    pub(crate) state: Mutex<State>,
+    /// Serialises sync points; taken before `state`, only on blocking threads.
+    sync_lock: Mutex<()>,
+    pub(crate) grace: Grace,
+    poisoned: AtomicBool,
+    next_session: AtomicU64,
+    pub(crate) sessions: Mutex<HashMap<u64, (SessionInfo, Arc<AtomicCounters>)>>,
+    data_dir: Option<PathBuf>,
 }
 
 /// A handle on an open pool; clones share it.
@@ -49,116 +123,1040 @@ pub struct Pool {
 impl Pool {
     /// Opens the pool in `options.data_dir`, creating it if the directory holds none.
     pub fn open(options: PoolOptions) -> Result<Pool> {
-        let _ = options;
-        todo!()
+        std::fs::create_dir_all(&options.data_dir)?;
+        let choice = match options.io {
+            IoChoice::Auto => BackendChoice::Auto,
+            IoChoice::IoUring => BackendChoice::IoUring,
+            IoChoice::Threads => BackendChoice::Threads,
+        };
+        let backend = io::open_backend(&options.data_dir, choice)?;
+        tracing::info!(backend = backend.name(), dir = %options.data_dir.display(), "disk I/O backend selected");
+        Self::open_with_backend(backend, options.cache_bytes, Some(options.data_dir))
+    }
+
+    /// Opens a pool on any backend (the simulation in crash tests).
+    pub fn open_with_backend(
+        backend: Arc<dyn IoBackend>,
+        cache_bytes: u64,
+        data_dir: Option<PathBuf>,
+    ) -> Result<Pool> {
+        let state = recover(&backend, (cache_bytes / PAGE_SIZE as u64) as usize)?;
+        let inner = PoolInner {
+            events: EventBus::default(),
+            backend,
+            state: Mutex::new(state),
+            sync_lock: Mutex::new(()),
+            grace: Grace::default(),
+            poisoned: AtomicBool::new(false),
+            next_session: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+            data_dir,
+        };
+        Ok(Pool {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
     }
 
+    pub fn io_backend(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
     pub fn stats(&self) -> Result<PoolStats> {
-        todo!()
+        let st = self.inner.state.lock();
+        let used_bytes = st.data.used() * BLOCK_SIZE;
+        let fs_free = self
+            .inner
+            .data_dir
+            .as_deref()
+            .and_then(|d| io::fs_available_bytes(d).ok())
+            .unwrap_or(0);
+        let free_bytes = st.data.free_inside() * BLOCK_SIZE + fs_free;
+        Ok(PoolStats {
+            capacity_bytes: used_bytes + free_bytes,
+            used_bytes,
+            free_bytes,
+            metadata_bytes: st.meta.pages.used() * PAGE_SIZE as u64,
+            io_backend: self.inner.backend.name().to_string(),
+        })
     }
 
     pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
-        let _ = (name, size_bytes);
-        todo!()
+        validate_volume_name(name)?;
+        if size_bytes == 0
+            || !size_bytes.is_multiple_of(BLOCK_SIZE)
+            || size_bytes > VOLUME_SIZE_MAX_BYTES
+        {
+            return Err(Error::invalid(format!(
+                "invalid volume size {size_bytes}: it must be a non-zero multiple of 4096 bytes, at most 1 PiB"
+            )));
+        }
+        let name = name.to_string();
+        let created = name.clone();
+        self.inner
+            .change(move |st| {
+                if st.catalog.volumes.contains_key(&name) {
+                    return Err(Error::exists(format!("volume {name:?}")));
+                }
+                let id = st.catalog.new_id();
+                let op = CatalogOp::CreateVolume {
+                    id,
+                    name: name.clone(),
+                    size_bytes,
+                    created_unix: now_unix(),
+                };
+                st.catalog.apply(&op)?;
+                let head = HeadRecord {
+                    id: st.catalog.new_id(),
+                    volume: name.clone(),
+                    branch: MAIN_BRANCH.to_string(),
+                    root: 0,
+                    exclusive_since: st.meta.gen,
+                    base: None,
+                    base_gen: 0,
+                    created_unix: now_unix(),
+                };
+                st.catalog.apply_head(&head)?;
+                st.dirty_heads.insert(head.id);
+                Ok((
+                    vec![op],
+                    vec![Event::VolumeCreated {
+                        volume: name.clone(),
+                        size_bytes,
+                    }],
+                ))
+            })
+            .await?;
+        self.volume(&created)
     }
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
-        todo!()
+        let st = self.inner.state.lock();
+        st.catalog
+            .volumes
+            .values()
+            .map(|v| volume_info(&st, v))
+            .collect()
     }
 
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
-        let _ = name;
-        todo!()
+        let st = self.inner.state.lock();
+        Ok(volume_info(&st, st.catalog.volume(name)?))
     }
 
+    /// Deletes a volume with all its branches, commits and tags; refused while sessions are
+    /// open on it. Its space is returned to the pool.
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
-        let _ = name;
-        todo!()
+        let name = name.to_string();
+        self.inner
+            .change(move |st| {
+                let vol = st.catalog.volume(&name)?;
+                if vol.sessions > 0 {
+                    return Err(Error::Conflict(format!(
+                        "volume {name:?} has {} open sessions",
+                        vol.sessions
+                    )));
+                }
+                free_volume_space(st, &name)?;
+                let op = CatalogOp::DeleteVolume { name: name.clone() };
+                st.catalog.apply(&op)?;
+                Ok((
+                    vec![op],
+                    vec![Event::VolumeDeleted {
+                        volume: name.clone(),
+                    }],
+                ))
+            })
+            .await
     }
 
     /// Creates `branch` on `volume` from `from` (a ref string; default `VOL@main`). Forking a
     /// branch head includes its uncommitted writes.
-    pub async fn create_branch(&self, volume: &str, branch: &str, from: Option<&str>) -> Result<BranchInfo> {
-        let _ = (volume, branch, from);
-        todo!()
+    pub async fn create_branch(
+        &self,
+        volume: &str,
+        branch: &str,
+        from: Option<&str>,
+    ) -> Result<BranchInfo> {
+        validate_ref_name("branch", branch)?;
+        let from = from.unwrap_or(volume);
+        let source = self.resolve_in(volume, from)?;
+        if source.volume() != volume {
+            return Err(Error::invalid(format!(
+                "{from:?} is not a ref of volume {volume:?}"
+            )));
+        }
+        // Forking a head makes its blocks shared: no in-place write may be in flight meanwhile.
+        let gate = match &source {
+            ResolvedRef::Branch { volume, branch } => {
+                let st = self.inner.state.lock();
+                Some(
+                    st.catalog
+                        .head(st.catalog.head_id(volume, branch)?)?
+                        .gate
+                        .clone(),
+                )
+            }
+            _ => None,
+        };
+        let _exclusive = match &gate {
+            Some(gate) => Some(gate.write().await),
+            None => None,
+        };
+        let (volume, branch) = (volume.to_string(), branch.to_string());
+        let (v, b) = (volume.clone(), branch.clone());
+        self.inner
+            .change(move |st| {
+                let vol = st.catalog.volume(&volume)?;
+                if vol.branches.contains_key(&branch) {
+                    return Err(Error::exists(format!(
+                        "branch {branch:?} of volume {volume:?}"
+                    )));
+                }
+                if vol.tags.contains_key(&branch) {
+                    return Err(Error::exists(format!(
+                        "a tag named {branch:?} in volume {volume:?}"
+                    )));
+                }
+                let gen = st.meta.gen;
+                let (root, base, base_gen, changed) = match &source {
+                    ResolvedRef::Branch { branch: src, .. } => {
+                        let id = st.catalog.head_id(&volume, src)?;
+                        let src_head = st.catalog.head_mut(id)?;
+                        // From the next generation on, neither head owns the shared state.
+                        src_head.record.exclusive_since = gen + 1;
+                        let r = &src_head.record;
+                        let fork = (r.root, r.base, r.base_gen, src_head.changed.clone());
+                        st.dirty_heads.insert(id);
+                        fork
+                    }
+                    ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
+                        let c = st.catalog.find_commit(&volume, &commit.to_hex())?;
+                        (c.root, Some(c.info.id), c.gen, RoaringTreemap::new())
+                    }
+                };
+                let record = HeadRecord {
+                    id: st.catalog.new_id(),
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                    root,
+                    exclusive_since: gen + 1,
+                    base,
+                    base_gen,
+                    created_unix: now_unix(),
+                };
+                st.catalog.apply_head(&record)?;
+                st.catalog.head_mut(record.id)?.changed = changed;
+                st.dirty_heads.insert(record.id);
+                Ok((
+                    vec![],
+                    vec![Event::BranchCreated {
+                        volume: volume.clone(),
+                        branch: branch.clone(),
+                        from: base,
+                    }],
+                ))
+            })
+            .await?;
+        self.branch(&v, &b)
     }
 
     pub fn branches(&self, volume: &str) -> Result<Vec<BranchInfo>> {
-        let _ = volume;
-        todo!()
+        let st = self.inner.state.lock();
+        let vol = st.catalog.volume(volume)?;
+        vol.branches
+            .values()
+            .map(|&id| Ok(branch_info(st.catalog.head(id)?)))
+            .collect()
     }
 
     pub fn branch(&self, volume: &str, branch: &str) -> Result<BranchInfo> {
-        let _ = (volume, branch);
-        todo!()
+        let st = self.inner.state.lock();
+        Ok(branch_info(
+            st.catalog.head(st.catalog.head_id(volume, branch)?)?,
+        ))
     }
 
+    /// Deletes a branch (not `main`); refused while sessions are open on the volume.
     pub async fn delete_branch(&self, volume: &str, branch: &str) -> Result<()> {
-        let _ = (volume, branch);
-        todo!()
+        if branch == MAIN_BRANCH {
+            return Err(Error::Conflict(format!(
+                "the {MAIN_BRANCH} branch cannot be deleted; delete the volume instead"
+            )));
+        }
+        let (volume, branch) = (volume.to_string(), branch.to_string());
+        self.inner
+            .change(move |st| {
+                let id = st.catalog.head_id(&volume, &branch)?;
+                let sessions = st.catalog.volume(&volume)?.sessions;
+                if sessions > 0 {
+                    return Err(Error::Conflict(format!(
+                        "volume {volume:?} has {sessions} open sessions"
+                    )));
+                }
+                free_head_space(st, id)?;
+                let op = CatalogOp::DeleteBranch {
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                };
+                st.catalog.apply(&op)?;
+                Ok((
+                    vec![op],
+                    vec![Event::BranchDeleted {
+                        volume: volume.clone(),
+                        branch: branch.clone(),
+                    }],
+                ))
+            })
+            .await
     }
 
     /// Commits the head of `volume@branch`: every write acknowledged before the call is in it.
-    pub async fn commit(&self, volume: &str, branch: &str, request: CommitRequest) -> Result<CommitInfo> {
-        let _ = (volume, branch, request);
-        todo!()
+    pub async fn commit(
+        &self,
+        volume: &str,
+        branch: &str,
+        request: CommitRequest,
+    ) -> Result<CommitInfo> {
+        if request.message.trim().is_empty() {
+            return Err(Error::invalid("a commit needs a non-empty message"));
+        }
+        let gate = {
+            let st = self.inner.state.lock();
+            st.catalog
+                .head(st.catalog.head_id(volume, branch)?)?
+                .gate
+                .clone()
+        };
+        // Waits for in-flight writes on the head; new ones wait for the commit.
+        let _exclusive = gate.write().await;
+        let (volume, branch) = (volume.to_string(), branch.to_string());
+        let (id, v) = (CommitId::random(), volume.clone());
+        self.inner
+            .change(move |st| {
+                let head_id = st.catalog.head_id(&volume, &branch)?;
+                let size_bytes = st.catalog.volume(&volume)?.size_bytes;
+                let gen = st.meta.gen;
+                let head = st.catalog.head(head_id)?;
+                let mut bitmap = Vec::new();
+                head.changed
+                    .serialize_into(&mut bitmap)
+                    .map_err(Error::Io)?;
+                let info = CommitInfo {
+                    id,
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                    parents: head.record.base.into_iter().collect(),
+                    message: request.message,
+                    author: request.author,
+                    meta: request.meta,
+                    created_unix: now_unix(),
+                    changed_blocks: head.changed.len(),
+                    size_bytes,
+                };
+                let root = head.record.root;
+                let page = st.meta.write_blob(&bitmap)?;
+                let blob = BlobRef {
+                    page,
+                    len_bytes: bitmap.len() as u64,
+                    crc: crc32c::crc32c(&bitmap),
+                };
+                let commit = CommitRecord {
+                    info: info.clone(),
+                    root,
+                    gen,
+                    bitmap: blob,
+                };
+                let head = st.catalog.head_mut(head_id)?;
+                head.record.base = Some(id);
+                head.record.base_gen = gen;
+                head.record.exclusive_since = gen + 1;
+                head.changed = RoaringTreemap::new();
+                st.dirty_heads.insert(head_id);
+                let op = CatalogOp::Commit { commit };
+                st.catalog.apply(&op)?;
+                let event = Event::CommitCreated {
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                    commit: id,
+                    parents: info.parents.clone(),
+                    changed_blocks: info.changed_blocks,
+                };
+                Ok((vec![op], vec![event]))
+            })
+            .await?;
+        self.commit_info(&v, &id.to_hex())
     }
 
     /// Looks up a commit by full id or unique prefix.
     pub fn commit_info(&self, volume: &str, id_or_prefix: &str) -> Result<CommitInfo> {
-        let _ = (volume, id_or_prefix);
-        todo!()
+        let st = self.inner.state.lock();
+        Ok(st.catalog.find_commit(volume, id_or_prefix)?.info.clone())
+    }
+
+    /// The blocks a commit changed relative to its first parent (its stored roaring bitmap).
+    pub fn commit_changes(&self, volume: &str, id_or_prefix: &str) -> Result<RoaringTreemap> {
+        let st = self.inner.state.lock();
+        let blob = st.catalog.find_commit(volume, id_or_prefix)?.bitmap;
+        let bytes = st.meta.read_blob(blob.page, blob.len_bytes, blob.crc)?;
+        RoaringTreemap::deserialize_from(&bytes[..]).map_err(|e| {
+            Error::corrupt(
+                format!("commit bitmap ({e})"),
+                format!("meta page {}", blob.page),
+            )
+        })
     }
 
     /// History from a ref backwards along first parents, newest first.
     pub fn log(&self, refspec: &str, limit: Option<usize>) -> Result<Vec<CommitInfo>> {
-        let _ = (refspec, limit);
-        todo!()
+        let st = self.inner.state.lock();
+        let resolved = st.catalog.resolve(refspec)?;
+        let vol = st.catalog.volume(resolved.volume())?;
+        let mut next = match &resolved {
+            ResolvedRef::Branch { volume, branch } => {
+                st.catalog
+                    .head(st.catalog.head_id(volume, branch)?)?
+                    .record
+                    .base
+            }
+            ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => Some(*commit),
+        };
+        let mut out = Vec::new();
+        while let Some(id) = next {
+            if limit.is_some_and(|l| out.len() >= l) || out.len() > vol.commits.len() {
+                break;
+            }
+            let Some(commit) = vol.commits.get(&id) else {
+                break;
+            };
+            out.push(commit.info.clone());
+            next = commit.info.parents.first().copied();
+        }
+        Ok(out)
     }
 
     pub async fn create_tag(&self, volume: &str, tag: &str, target: &str) -> Result<TagInfo> {
-        let _ = (volume, tag, target);
-        todo!()
+        validate_ref_name("tag", tag)?;
+        let commit = match self.resolve_in(volume, target)? {
+            ResolvedRef::Tag {
+                commit, volume: v, ..
+            }
+            | ResolvedRef::Commit { commit, volume: v }
+                if v == volume =>
+            {
+                commit
+            }
+            ResolvedRef::Branch { volume: v, branch } if v == volume => {
+                let st = self.inner.state.lock();
+                let head = st.catalog.head(st.catalog.head_id(&v, &branch)?)?;
+                head.record.base.ok_or_else(|| {
+                    Error::invalid(format!("branch {branch:?} has no commits to tag"))
+                })?
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{target:?} is not a ref of volume {volume:?}"
+                )))
+            }
+        };
+        let (volume, tag) = (volume.to_string(), tag.to_string());
+        let (v, t) = (volume.clone(), tag.clone());
+        self.inner
+            .change(move |st| {
+                let vol = st.catalog.volume(&volume)?;
+                if vol.tags.contains_key(&tag) {
+                    return Err(Error::exists(format!("tag {tag:?} of volume {volume:?}")));
+                }
+                if vol.branches.contains_key(&tag) {
+                    return Err(Error::exists(format!(
+                        "a branch named {tag:?} in volume {volume:?}"
+                    )));
+                }
+                let op = CatalogOp::CreateTag {
+                    volume: volume.clone(),
+                    tag: tag.clone(),
+                    commit,
+                    created_unix: now_unix(),
+                };
+                st.catalog.apply(&op)?;
+                Ok((
+                    vec![op],
+                    vec![Event::TagCreated {
+                        volume: volume.clone(),
+                        tag: tag.clone(),
+                        commit,
+                    }],
+                ))
+            })
+            .await?;
+        let st = self.inner.state.lock();
+        st.catalog
+            .volume(&v)?
+            .tags
+            .get(&t)
+            .cloned()
+            .ok_or_else(|| Error::not_found("tag"))
     }
 
     pub fn tags(&self, volume: &str) -> Result<Vec<TagInfo>> {
-        let _ = volume;
-        todo!()
+        let st = self.inner.state.lock();
+        Ok(st.catalog.volume(volume)?.tags.values().cloned().collect())
     }
 
     pub async fn delete_tag(&self, volume: &str, tag: &str) -> Result<()> {
-        let _ = (volume, tag);
-        todo!()
+        let (volume, tag) = (volume.to_string(), tag.to_string());
+        self.inner
+            .change(move |st| {
+                if !st.catalog.volume(&volume)?.tags.contains_key(&tag) {
+                    return Err(Error::not_found(format!(
+                        "tag {tag:?} of volume {volume:?}"
+                    )));
+                }
+                let op = CatalogOp::DeleteTag {
+                    volume: volume.clone(),
+                    tag: tag.clone(),
+                };
+                st.catalog.apply(&op)?;
+                Ok((
+                    vec![op],
+                    vec![Event::TagDeleted {
+                        volume: volume.clone(),
+                        tag: tag.clone(),
+                    }],
+                ))
+            })
+            .await
     }
 
     /// Resolves `VOL`, `VOL@BRANCH`, `VOL@TAG`, `VOL@COMMIT` (full or unique prefix).
     pub fn resolve(&self, refspec: &str) -> Result<ResolvedRef> {
-        let _ = refspec;
-        todo!()
+        self.inner.state.lock().catalog.resolve(refspec)
+    }
+
+    /// Resolves a ref given in the context of `volume`: a full ref (`VOL@NAME`), or a bare
+    /// branch, tag or commit name of `volume`, or a bare volume name (its main branch).
+    pub fn resolve_in(&self, volume: &str, refspec: &str) -> Result<ResolvedRef> {
+        let st = self.inner.state.lock();
+        if !refspec.contains('@') {
+            match st.catalog.resolve(&format!("{volume}@{refspec}")) {
+                Err(Error::NotFound { .. }) | Err(Error::InvalidArgument(_)) => {}
+                found => return found,
+            }
+        }
+        st.catalog.resolve(refspec)
     }
 
     /// Every ref of every volume, as exports.
     pub fn exports(&self) -> Vec<ExportInfo> {
-        todo!()
+        let st = self.inner.state.lock();
+        let mut out = Vec::new();
+        for vol in st.catalog.volumes.values() {
+            let size_bytes = vol.size_bytes;
+            for branch in vol.branches.keys() {
+                let name = if branch == MAIN_BRANCH {
+                    vol.name.clone()
+                } else {
+                    format!("{}@{branch}", vol.name)
+                };
+                out.push(ExportInfo {
+                    name,
+                    read_only: false,
+                    size_bytes,
+                    description: format!("branch {branch} of volume {}", vol.name),
+                });
+            }
+            for tag in vol.tags.values() {
+                out.push(ExportInfo {
+                    name: format!("{}@{}", vol.name, tag.name),
+                    read_only: true,
+                    size_bytes,
+                    description: format!(
+                        "tag {} (commit {}) of volume {}",
+                        tag.name, tag.commit, vol.name
+                    ),
+                });
+            }
+            for commit in vol.commits.values() {
+                out.push(ExportInfo {
+                    name: format!("{}@{}", vol.name, commit.info.id),
+                    read_only: true,
+                    size_bytes,
+                    description: format!(
+                        "commit {} of volume {}: {}",
+                        commit.info.id, vol.name, commit.info.message
+                    ),
+                });
+            }
+        }
+        out
     }
 
     /// Opens an I/O session on a ref (an export name).
     pub fn open_session(&self, export: &str, client: SessionClient) -> Result<Arc<Session>> {
-        let _ = (export, client);
-        todo!()
+        let mut st = self.inner.state.lock();
+        let target = st.catalog.resolve(export)?;
+        let vol = st.catalog.volume(target.volume())?;
+        let size_bytes = vol.size_bytes;
+        let session_target = match &target {
+            ResolvedRef::Branch { volume, branch } => {
+                let id = st.catalog.head_id(volume, branch)?;
+                let head = st.catalog.head(id)?;
+                SessionTarget::Head {
+                    id,
+                    gate: head.gate.clone(),
+                    ranges: head.ranges.clone(),
+                }
+            }
+            ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
+                SessionTarget::Commit {
+                    root: vol.commits.get(commit).map(|c| c.root).unwrap_or(0),
+                }
+            }
+        };
+        st.catalog.volume_mut(target.volume())?.sessions += 1;
+        drop(st);
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        let info = SessionInfo {
+            id,
+            export: export.to_string(),
+            target,
+            client,
+            opened_unix: now_unix(),
+            counters: Default::default(),
+        };
+        let counters = Arc::new(AtomicCounters::default());
+        self.inner
+            .sessions
+            .lock()
+            .insert(id, (info.clone(), counters.clone()));
+        self.inner.events.publish(Event::SessionOpened {
+            session: id,
+            export: export.to_string(),
+            protocol: info.client.protocol.clone(),
+            client: info.client.address.clone(),
+        });
+        Ok(Arc::new(Session {
+            pool: self.inner.clone(),
+            info,
+            counters,
+            size_bytes,
+            target: session_target,
+        }))
     }
 
     /// Live sessions.
     pub fn sessions(&self) -> Vec<SessionInfo> {
-        todo!()
+        let sessions = self.inner.sessions.lock();
+        let mut out: Vec<SessionInfo> = sessions
+            .values()
+            .map(|(info, counters)| SessionInfo {
+                counters: counters.snapshot(),
+                ..info.clone()
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
     }
 
     /// Makes everything acknowledged so far durable.
     pub async fn flush(&self) -> Result<()> {
-        todo!()
+        self.inner.flush().await
+    }
+}
+
+impl PoolInner {
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    /// Marks the pool failed after an I/O error that may have lost durability.
+    pub(crate) fn poison(&self, err: &Error) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(error = %err, "I/O failure: the pool refuses further writes until it is reopened");
+        }
+    }
+
+    /// Makes every acknowledged write durable.
+    pub(crate) async fn flush(self: &Arc<Self>) -> Result<()> {
+        let inner = self.clone();
+        run_blocking(move || inner.sync(|_| Ok((Vec::new(), Vec::new()))))
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies a catalog change and makes it durable with a sync point; events are published
+    /// once it is.
+    pub(crate) async fn change<F>(self: &Arc<Self>, f: F) -> Result<()>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
+    {
+        let inner = self.clone();
+        let events = run_blocking(move || inner.sync(f)).await?;
+        for event in events {
+            self.events.publish(event);
+        }
+        Ok(())
+    }
+
+    /// One sync point (FORMAT.md, "sync points"): data made durable, then the catalog change
+    /// `f` applied, dirty nodes written, the generation advanced, and a journal record written
+    /// and made durable. Runs on a blocking thread.
+    fn sync<F>(&self, f: F) -> Result<Vec<Event>>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
+    {
+        self.check_writable()?;
+        let _sync = self.sync_lock.lock();
+        // Every data write acknowledged before now becomes durable.
+        io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
+        let (record, gen, journal_at, events) = {
+            let mut st = self.state.lock();
+            let (ops, events) = f(&mut st)?;
+            if ops.is_empty() && st.dirty_heads.is_empty() && st.meta.dirty_pages() == 0 {
+                drop(st);
+                return Ok(events);
+            }
+            st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
+            let gen = st.meta.gen;
+            st.meta.gen += 1;
+            let heads = st.head_records();
+            let record = Record::Sync { gen, ops, heads };
+            let payload = serde_json::to_vec(&record).map_err(|e| Error::Io(e.into()))?;
+            let framed = encode_record(&payload);
+            let at = st.journal_end;
+            st.journal_end += framed.len() as u64;
+            (framed, gen, at, events)
+        };
+        let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
+            .and_then(|()| {
+                io::write_blocking(&*self.backend, FileKind::Journal, journal_at, record)
+            })
+            .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Journal));
+        durable.map_err(|e| self.fail(e))?;
+        // Space freed up to this sync point is unreferenced on disk now; once no I/O that
+        // started before the frees is left, it can be reused.
+        self.grace.synchronize();
+        let mut st = self.state.lock();
+        st.meta.release_pending(gen);
+        let (ready, keep): (Vec<_>, Vec<_>) = st.pending_data.drain(..).partition(|p| p.gen <= gen);
+        st.pending_data = keep;
+        for p in ready {
+            st.data.free(p.start, p.len);
+        }
+        Ok(events)
+    }
+
+    fn fail(&self, err: std::io::Error) -> Error {
+        self.fail_err(Error::from_io(err))
+    }
+
+    fn fail_err(&self, err: Error) -> Error {
+        self.poison(&err);
+        err
+    }
+}
+
+pub(crate) async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io(std::io::Error::other(e)))?
+}
+
+fn volume_info(_st: &State, v: &Volume) -> VolumeInfo {
+    VolumeInfo {
+        name: v.name.clone(),
+        size_bytes: v.size_bytes,
+        created_unix: v.created_unix,
+        branches: v.branches.len(),
+        commits: v.commits.len(),
+        tags: v.tags.len(),
+        written_bytes: v.blocks * BLOCK_SIZE,
+    }
+}
+
+fn branch_info(head: &Head) -> BranchInfo {
+    BranchInfo {
+        volume: head.record.volume.clone(),
+        name: head.record.branch.clone(),
+        head_commit: head.record.base,
+        uncommitted_blocks: head.changed.len(),
+        created_unix: head.record.created_unix,
+    }
+}
+
+/// Frees the nodes and data blocks only a head owns (born since its `exclusive_since`).
+fn free_head_space(st: &mut State, head_id: u64) -> Result<()> {
+    let head = st.catalog.head(head_id)?;
+    let (root, since, volume) = (
+        head.record.root,
+        head.record.exclusive_since,
+        head.record.volume.clone(),
+    );
+    let mut pages = Vec::new();
+    let mut extents = Vec::new();
+    collect_owned(&mut st.meta, root, since, &mut pages, &mut extents)?;
+    let gen = st.meta.gen;
+    st.meta
+        .pending_pages
+        .extend(pages.into_iter().map(|p| PendingFree {
+            gen,
+            start: p,
+            len: 1,
+        }));
+    st.release_extents(&volume, &extents, since);
+    Ok(())
+}
+
+/// Nodes and extents of a tree born at or after `since`.
+fn collect_owned(
+    store: &mut MetaStore,
+    page: u64,
+    since: u64,
+    pages: &mut Vec<u64>,
+    extents: &mut Vec<crate::meta::Extent>,
+) -> Result<()> {
+    if page == 0 {
+        return Ok(());
+    }
+    let node = store.peek(page)?;
+    if node.birth >= since {
+        pages.push(page);
+    }
+    match &node.body {
+        crate::meta::Body::Leaf(list) => extents.extend(list.iter().filter(|e| e.birth >= since)),
+        crate::meta::Body::Internal(children) => {
+            for c in children
+                .iter()
+                .filter(|c| c.max_birth >= since || node.birth >= since)
+            {
+                collect_owned(store, c.page, since, pages, extents)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Frees everything a volume references: nothing is shared across volumes.
+fn free_volume_space(st: &mut State, name: &str) -> Result<()> {
+    let vol = st.catalog.volume(name)?;
+    let mut roots: Vec<u64> = vol
+        .branches
+        .values()
+        .filter_map(|id| st.catalog.heads.get(id))
+        .map(|h| h.record.root)
+        .collect();
+    roots.extend(vol.commits.values().map(|c| c.root));
+    let blobs: Vec<BlobRef> = vol.commits.values().map(|c| c.bitmap).collect();
+    let mut pages = RoaringTreemap::new();
+    let mut blocks = RoaringTreemap::new();
+    for root in roots {
+        let mut reader = MapReader {
+            store: &mut st.meta,
+        };
+        reader.walk(root, &mut |p| pages.insert(p), &mut |e| {
+            if let Target::Data(p) = e.target {
+                blocks.insert_range(p..p + e.len);
+            }
+        })?;
+    }
+    for blob in blobs {
+        let n = blob.len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
+        pages.insert_range(blob.page..blob.page + n);
+    }
+    let gen = st.meta.gen;
+    st.meta
+        .pending_pages
+        .extend(pages.iter().map(|p| PendingFree {
+            gen,
+            start: p,
+            len: 1,
+        }));
+    st.pending_data
+        .extend(runs(&blocks).map(|(start, len)| PendingFree { gen, start, len }));
+    Ok(())
+}
+
+/// Consecutive runs of a bitmap, as (start, len).
+pub(crate) fn runs(bitmap: &RoaringTreemap) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut iter = bitmap.iter().peekable();
+    std::iter::from_fn(move || {
+        let start = iter.next()?;
+        let mut end = start + 1;
+        while iter.peek() == Some(&end) {
+            iter.next();
+            end += 1;
+        }
+        Some((start, end - start))
+    })
+}
+
+/// Opens or creates the pool on `backend`: checks the file headers, replays the journal
+/// (cutting a torn tail), and rebuilds the allocators from what the catalog references.
+fn recover(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
+    let journal_len = backend.file_len(FileKind::Journal)?;
+    if journal_len < PAGE_SIZE as u64 {
+        return create(backend, cache_pages);
+    }
+    let header = io::read_blocking(&**backend, FileKind::Journal, 0, PAGE_SIZE)?;
+    let pool_id = FileHeader::decode(&header, JOURNAL_MAGIC, "journal.grove")?.pool_id;
+    for (kind, magic) in [(FileKind::Data, DATA_MAGIC), (FileKind::Meta, META_MAGIC)] {
+        let page = io::read_blocking(&**backend, kind, 0, PAGE_SIZE)?;
+        let header = FileHeader::decode(&page, magic, kind.file_name())?;
+        if header.pool_id != pool_id {
+            return Err(Error::corrupt(
+                format!("{} belongs to another pool", kind.file_name()),
+                "offset 0",
+            ));
+        }
+    }
+    let body = io::read_blocking(
+        &**backend,
+        FileKind::Journal,
+        PAGE_SIZE as u64,
+        (journal_len - PAGE_SIZE as u64) as usize,
+    )?;
+    let (payloads, valid) = decode_records(&body);
+    let journal_end = PAGE_SIZE as u64 + valid as u64;
+    if journal_end < journal_len {
+        tracing::warn!(
+            cut_bytes = journal_len - journal_end,
+            "journal ends in an incomplete record (an interrupted sync); cutting it"
+        );
+        backend.set_len(FileKind::Journal, journal_end)?;
+    }
+    let mut catalog = Catalog::default();
+    let mut gen = 1;
+    for (i, payload) in payloads.iter().enumerate() {
+        let at = || format!("journal record {i}");
+        let record: Record = serde_json::from_slice(payload)
+            .map_err(|e| Error::corrupt(format!("journal record ({e})"), at()))?;
+        match record {
+            Record::Sync { gen: g, ops, heads } => {
+                for op in &ops {
+                    catalog
+                        .apply(op)
+                        .map_err(|e| Error::corrupt(format!("journal record ({e})"), at()))?;
+                }
+                for head in &heads {
+                    catalog
+                        .apply_head(head)
+                        .map_err(|e| Error::corrupt(format!("journal record ({e})"), at()))?;
+                }
+                gen = g + 1;
+            }
+        }
+    }
+    // Rebuild the allocators from every reachable node, bitmap and data block.
+    let mut meta = MetaStore::new(backend.clone(), cache_pages, SpaceAllocator::new(1), gen);
+    let meta_len_pages = backend.file_len(FileKind::Meta)?.div_ceil(PAGE_SIZE as u64);
+    meta.pages = SpaceAllocator::from_used(1, &RoaringTreemap::from_iter([meta_len_pages.max(1)]));
+    let mut used_pages = RoaringTreemap::new();
+    let mut used_blocks = RoaringTreemap::new();
+    let mut volume_blocks = Vec::new();
+    for vol in catalog.volumes.values() {
+        let mut roots: Vec<u64> = vol
+            .branches
+            .values()
+            .filter_map(|id| catalog.heads.get(id))
+            .map(|h| h.record.root)
+            .collect();
+        roots.extend(vol.commits.values().map(|c| c.root));
+        let mut blocks = RoaringTreemap::new();
+        for root in roots {
+            let mut reader = MapReader { store: &mut meta };
+            reader.walk(root, &mut |p| used_pages.insert(p), &mut |e| {
+                if let Target::Data(p) = e.target {
+                    blocks.insert_range(p..p + e.len);
+                }
+            })?;
+        }
+        volume_blocks.push((vol.name.clone(), blocks.len()));
+        used_blocks |= blocks;
+    }
+    for (name, blocks) in volume_blocks {
+        if let Some(vol) = catalog.volumes.get_mut(&name) {
+            vol.blocks = blocks;
+        }
+    }
+    for commit in catalog.volumes.values().flat_map(|v| v.commits.values()) {
+        let n = commit.bitmap.len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
+        used_pages.insert_range(commit.bitmap.page..commit.bitmap.page + n);
+    }
+    if used_blocks.contains(0) {
+        return Err(Error::corrupt(
+            "an extent maps data block 0 (the file header)",
+            "data.grove",
+        ));
+    }
+    meta.pages = SpaceAllocator::from_used(1, &used_pages);
+    let data = SpaceAllocator::from_used(1, &used_blocks);
+    // Each head's uncommitted changes: extents born after its base commit.
+    for head in catalog.heads.values_mut() {
+        let mut reader = MapReader { store: &mut meta };
+        reader.changed_since(head.record.root, head.record.base_gen, &mut head.changed)?;
+    }
+    tracing::info!(
+        volumes = catalog.volumes.len(),
+        generation = gen,
+        data_blocks = data.used(),
+        meta_pages = meta.pages.used(),
+        "pool recovered"
+    );
+    Ok(State {
+        meta,
+        data,
+        pending_data: Vec::new(),
+        catalog,
+        dirty_heads: BTreeSet::new(),
+        journal_end,
+    })
+}
+
+fn create(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
+    let pool_id: [u8; 16] = rand::random();
+    io::write_blocking(
+        &**backend,
+        FileKind::Data,
+        0,
+        FileHeader::encode(DATA_MAGIC, pool_id),
+    )?;
+    io::write_blocking(
+        &**backend,
+        FileKind::Meta,
+        0,
+        FileHeader::encode(META_MAGIC, pool_id),
+    )?;
+    io::sync_blocking(&**backend, FileKind::Data)?;
+    io::sync_blocking(&**backend, FileKind::Meta)?;
+    // The journal header goes last: a pool exists once it is durable.
+    io::write_blocking(
+        &**backend,
+        FileKind::Journal,
+        0,
+        FileHeader::encode(JOURNAL_MAGIC, pool_id),
+    )?;
+    io::sync_blocking(&**backend, FileKind::Journal)?;
+    tracing::info!(pool_id = %hex::encode(pool_id), "created a new pool");
+    Ok(State {
+        meta: MetaStore::new(backend.clone(), cache_pages, SpaceAllocator::new(1), 1),
+        data: SpaceAllocator::new(1),
+        pending_data: Vec::new(),
+        catalog: Catalog::default(),
+        dirty_heads: BTreeSet::new(),
+        journal_end: PAGE_SIZE as u64,
+    })
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        tracing::debug!("pool closed");
     }
 }

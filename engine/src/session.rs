@@ -1,14 +1,21 @@
 //! Sessions: how frontends (NBD, iSCSI) do I/O on a ref. A session is opened on a ref, meters
 //! every request, and reports `session.closed` with its counters when dropped.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::events::Event;
+use crate::extent_map::{MapReader, MapWriter};
+use crate::io::{FileKind, IoDone, IoOp};
+use crate::meta::Target;
 use crate::pool::PoolInner;
-use crate::types::ResolvedRef;
+use crate::range_lock::RangeLock;
+use crate::types::{ResolvedRef, BLOCK_SIZE};
 
 /// Who opened a session, for lineage and `grove sessions`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -113,12 +120,88 @@ pub enum ZeroMode {
     Allocate,
 }
 
-/// An open I/O session on one ref. Cheap to share between the tasks of one connection
+/// Largest single write the engine buffers for zeroing with `ZeroMode::Allocate`.
+const ZERO_CHUNK_BYTES: u64 = 8 << 20;
+
+pub(crate) enum SessionTarget {
+    /// A writable branch head.
+    Head {
+        id: u64,
+        gate: Arc<tokio::sync::RwLock<()>>,
+        ranges: Arc<RangeLock>,
+    },
+    /// A commit's fixed extent map.
+    Commit { root: u64 },
+}
+
+/// An open I/O session on one ref. Share it between the tasks of one connection
 /// (`Arc<Session>`); every method is safe to call concurrently.
 pub struct Session {
     pub(crate) pool: Arc<PoolInner>,
     pub(crate) info: SessionInfo,
-    pub(crate) counters: AtomicCounters,
+    pub(crate) counters: Arc<AtomicCounters>,
+    pub(crate) size_bytes: u64,
+    pub(crate) target: SessionTarget,
+}
+
+/// A run of logical blocks and where its data is.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    lblock: u64,
+    len: u64,
+    /// First physical block, or `None` for zeros.
+    pblock: Option<u64>,
+}
+
+/// Splits `[first, end)` into data and zero segments from looked-up extents.
+fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(extents.len() * 2 + 1);
+    let mut cursor = first;
+    for e in extents {
+        if e.lblock > cursor {
+            out.push(Segment {
+                lblock: cursor,
+                len: e.lblock - cursor,
+                pblock: None,
+            });
+        }
+        let pblock = match e.target {
+            Target::Data(p) => Some(p),
+            Target::Zero => None,
+        };
+        out.push(Segment {
+            lblock: e.lblock,
+            len: e.len,
+            pblock,
+        });
+        cursor = e.end();
+    }
+    if cursor < end {
+        out.push(Segment {
+            lblock: cursor,
+            len: end - cursor,
+            pblock: None,
+        });
+    }
+    out
+}
+
+fn submit(pool: &PoolInner, op: IoOp) -> oneshot::Receiver<IoDone> {
+    let (tx, rx) = oneshot::channel();
+    pool.backend.submit(
+        op,
+        Box::new(move |done| {
+            let _ = tx.send(done);
+        }),
+    );
+    rx
+}
+
+async fn completion(rx: oneshot::Receiver<IoDone>) -> IoDone {
+    rx.await.unwrap_or_else(|_| IoDone {
+        buf: Vec::new(),
+        result: Err(std::io::Error::other("I/O backend stopped")),
+    })
 }
 
 impl Session {
@@ -140,31 +223,252 @@ impl Session {
     }
 
     pub fn size_bytes(&self) -> u64 {
-        todo!()
+        self.size_bytes
     }
 
     pub fn counters(&self) -> SessionCounters {
         self.counters.snapshot()
     }
 
+    fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        match offset_bytes.checked_add(len_bytes) {
+            Some(end) if end <= self.size_bytes => Ok(()),
+            _ => Err(Error::OutOfRange {
+                offset_bytes,
+                len_bytes,
+                size_bytes: self.size_bytes,
+            }),
+        }
+    }
+
+    fn head(&self) -> Result<(u64, &tokio::sync::RwLock<()>, &RangeLock)> {
+        match &self.target {
+            SessionTarget::Head { id, gate, ranges } => Ok((*id, gate, ranges)),
+            SessionTarget::Commit { .. } => Err(Error::ReadOnly(self.info.export.clone())),
+        }
+    }
+
+    fn root(&self, st: &crate::pool::State) -> Result<u64> {
+        match &self.target {
+            SessionTarget::Head { id, .. } => Ok(st.catalog.head(*id)?.record.root),
+            SessionTarget::Commit { root } => Ok(*root),
+        }
+    }
+
     /// Reads `len_bytes` at `offset_bytes`; unwritten ranges read as zeros.
     pub async fn read(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<u8>> {
-        let _ = (offset_bytes, len_bytes);
-        todo!()
+        let chunks = self.read_chunks(offset_bytes, len_bytes).await?;
+        Ok(flatten(chunks, len_bytes))
     }
 
     /// Reads a range as data chunks and runs of zeros (for sparse replies). The chunks cover the
     /// range exactly, in order.
     pub async fn read_chunks(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<ReadChunk>> {
-        let _ = (offset_bytes, len_bytes);
-        todo!()
+        self.check_range(offset_bytes, len_bytes)?;
+        AtomicCounters::add(&self.counters.read_ops, 1);
+        AtomicCounters::add(&self.counters.read_bytes, len_bytes);
+        self.read_inner(offset_bytes, len_bytes).await
+    }
+
+    async fn read_inner(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<ReadChunk>> {
+        if len_bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let end_bytes = offset_bytes + len_bytes;
+        let (first, end) = (offset_bytes / BLOCK_SIZE, end_bytes.div_ceil(BLOCK_SIZE));
+        let (extents, _grace) = {
+            let mut st = self.pool.state.lock();
+            let root = self.root(&st)?;
+            let extents = MapReader {
+                store: &mut st.meta,
+            }
+            .lookup(root, first, end)?;
+            (extents, self.pool.grace.enter())
+        };
+        let mut pending = Vec::new();
+        for seg in segments(&extents, first, end) {
+            let from = (seg.lblock * BLOCK_SIZE).max(offset_bytes);
+            let to = ((seg.lblock + seg.len) * BLOCK_SIZE).min(end_bytes);
+            match seg.pblock {
+                Some(p) => {
+                    let at = p * BLOCK_SIZE + (from - seg.lblock * BLOCK_SIZE);
+                    let op = IoOp::Read {
+                        file: FileKind::Data,
+                        offset: at,
+                        buf: vec![0; (to - from) as usize],
+                    };
+                    pending.push(Err(submit(&self.pool, op)));
+                }
+                None => pending.push(Ok(to - from)),
+            }
+        }
+        let mut chunks: Vec<ReadChunk> = Vec::with_capacity(pending.len());
+        for item in pending {
+            match item {
+                Ok(len_bytes) => match chunks.last_mut() {
+                    Some(ReadChunk::Zero { len_bytes: run }) => *run += len_bytes,
+                    _ => chunks.push(ReadChunk::Zero { len_bytes }),
+                },
+                Err(rx) => {
+                    let done = completion(rx).await;
+                    done.result.map_err(Error::Io)?;
+                    chunks.push(ReadChunk::Data(done.buf));
+                }
+            }
+        }
+        Ok(chunks)
     }
 
     /// Writes `data` at `offset_bytes`. Any alignment; sub-block writes read-modify-write inside
     /// the engine. With `fua`, the write is durable when this returns.
     pub async fn write(&self, offset_bytes: u64, data: &[u8], fua: bool) -> Result<()> {
-        let _ = (offset_bytes, data, fua);
-        todo!()
+        let (id, gate, ranges) = self.head()?;
+        self.check_range(offset_bytes, data.len() as u64)?;
+        self.pool.check_writable()?;
+        AtomicCounters::add(&self.counters.write_ops, 1);
+        AtomicCounters::add(&self.counters.write_bytes, data.len() as u64);
+        if !data.is_empty() {
+            let end_bytes = offset_bytes + data.len() as u64;
+            let (first, end) = (offset_bytes / BLOCK_SIZE, end_bytes.div_ceil(BLOCK_SIZE));
+            let _range = ranges.lock(first, end).await;
+            let _gate = gate.read().await;
+            let blocks: Cow<[u8]> = if offset_bytes.is_multiple_of(BLOCK_SIZE)
+                && end_bytes.is_multiple_of(BLOCK_SIZE)
+            {
+                Cow::Borrowed(data)
+            } else {
+                // Read-modify-write of the partial blocks at either edge.
+                let mut full = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
+                if !offset_bytes.is_multiple_of(BLOCK_SIZE) {
+                    let old = flatten(
+                        self.read_inner(first * BLOCK_SIZE, BLOCK_SIZE).await?,
+                        BLOCK_SIZE,
+                    );
+                    full[..BLOCK_SIZE as usize].copy_from_slice(&old);
+                }
+                if !end_bytes.is_multiple_of(BLOCK_SIZE)
+                    && (end - 1 > first || offset_bytes.is_multiple_of(BLOCK_SIZE))
+                {
+                    let old = flatten(
+                        self.read_inner((end - 1) * BLOCK_SIZE, BLOCK_SIZE).await?,
+                        BLOCK_SIZE,
+                    );
+                    let at = full.len() - BLOCK_SIZE as usize;
+                    full[at..].copy_from_slice(&old);
+                }
+                let at = (offset_bytes - first * BLOCK_SIZE) as usize;
+                full[at..at + data.len()].copy_from_slice(data);
+                Cow::Owned(full)
+            };
+            self.write_blocks(id, first, &blocks).await?;
+        }
+        if fua {
+            self.pool.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes whole blocks from `first`: in place where the head alone owns the block, to new
+    /// blocks elsewhere (redirect on write), then maps the new blocks.
+    async fn write_blocks(&self, head_id: u64, first: u64, data: &[u8]) -> Result<()> {
+        let n = data.len() as u64 / BLOCK_SIZE;
+        // (lblock, len, pblock, fresh)
+        let mut runs: Vec<(u64, u64, u64, bool)> = Vec::new();
+        let (exclusive_since, volume, _grace) = {
+            let mut st = self.pool.state.lock();
+            let head = st.catalog.head(head_id)?;
+            let (root, exclusive_since, volume) = (
+                head.record.root,
+                head.record.exclusive_since,
+                head.record.volume.clone(),
+            );
+            let extents = MapReader {
+                store: &mut st.meta,
+            }
+            .lookup(root, first, first + n)?;
+            let mut fresh: Vec<(u64, u64)> = Vec::new();
+            for seg in segments(&extents, first, first + n) {
+                let owned = extents
+                    .iter()
+                    .any(|e| e.lblock == seg.lblock && e.birth >= exclusive_since);
+                match seg.pblock {
+                    Some(p) if owned => runs.push((seg.lblock, seg.len, p, false)),
+                    _ => match fresh.last_mut() {
+                        Some((l, len)) if *l + *len == seg.lblock => *len += seg.len,
+                        _ => fresh.push((seg.lblock, seg.len)),
+                    },
+                }
+            }
+            for (mut l, mut len) in fresh {
+                while len > 0 {
+                    let (p, got) = st.data.alloc(len);
+                    runs.push((l, got, p, true));
+                    l += got;
+                    len -= got;
+                }
+            }
+            (exclusive_since, volume, self.pool.grace.enter())
+        };
+        let pending: Vec<_> = runs
+            .iter()
+            .map(|&(l, len, p, _)| {
+                let at = ((l - first) * BLOCK_SIZE) as usize;
+                let buf = data[at..at + (len * BLOCK_SIZE) as usize].to_vec();
+                submit(
+                    &self.pool,
+                    IoOp::Write {
+                        file: FileKind::Data,
+                        offset: p * BLOCK_SIZE,
+                        buf,
+                    },
+                )
+            })
+            .collect();
+        let mut failure = None;
+        for rx in pending {
+            if let Err(err) = completion(rx).await.result {
+                failure.get_or_insert(err);
+            }
+        }
+        let mut st = self.pool.state.lock();
+        if let Some(err) = failure {
+            // The new blocks were never mapped: nothing references them.
+            for &(_, len, p, fresh) in &runs {
+                if fresh {
+                    st.data.free(p, len);
+                }
+            }
+            let err = Error::from_io(err);
+            if !matches!(err, Error::NoSpace) {
+                self.pool.poison(&err);
+            }
+            return Err(err);
+        }
+        let mut root = st.catalog.head(head_id)?.record.root;
+        let mut mapped = 0;
+        for &(l, len, p, fresh) in &runs {
+            if fresh {
+                let mut writer = MapWriter {
+                    store: &mut st.meta,
+                    exclusive_since,
+                };
+                let (new_root, removed) =
+                    writer.replace(root, l, l + len, Some(Target::Data(p)))?;
+                root = new_root;
+                st.release_extents(&volume, &removed, exclusive_since);
+                mapped += len;
+            }
+        }
+        if let Some(vol) = st.catalog.volumes.get_mut(&volume) {
+            vol.blocks += mapped;
+        }
+        let head = st.catalog.head_mut(head_id)?;
+        head.record.root = root;
+        for &(l, len, _, _) in &runs {
+            head.changed.insert_range(l..l + len);
+        }
+        st.dirty_heads.insert(head_id);
+        Ok(())
     }
 
     /// Makes a range read as zeros.
@@ -175,33 +479,189 @@ impl Session {
         mode: ZeroMode,
         fua: bool,
     ) -> Result<()> {
-        let _ = (offset_bytes, len_bytes, mode, fua);
-        todo!()
+        self.head()?;
+        self.check_range(offset_bytes, len_bytes)?;
+        AtomicCounters::add(&self.counters.zero_ops, 1);
+        AtomicCounters::add(&self.counters.zero_bytes, len_bytes);
+        let end_bytes = offset_bytes + len_bytes;
+        match mode {
+            ZeroMode::Allocate => {
+                let mut at = offset_bytes;
+                while at < end_bytes {
+                    let len = (end_bytes - at).min(ZERO_CHUNK_BYTES);
+                    self.write_uncounted(at, &vec![0; len as usize]).await?;
+                    at += len;
+                }
+            }
+            ZeroMode::MayTrim => {
+                let (first, end) = (offset_bytes.div_ceil(BLOCK_SIZE), end_bytes / BLOCK_SIZE);
+                if first >= end {
+                    self.write_uncounted(offset_bytes, &vec![0; len_bytes as usize])
+                        .await?;
+                } else {
+                    if offset_bytes < first * BLOCK_SIZE {
+                        self.write_uncounted(
+                            offset_bytes,
+                            &vec![0; (first * BLOCK_SIZE - offset_bytes) as usize],
+                        )
+                        .await?;
+                    }
+                    self.deallocate(first, end).await?;
+                    if end * BLOCK_SIZE < end_bytes {
+                        self.write_uncounted(
+                            end * BLOCK_SIZE,
+                            &vec![0; (end_bytes - end * BLOCK_SIZE) as usize],
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        if fua {
+            self.pool.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_uncounted(&self, offset_bytes: u64, data: &[u8]) -> Result<()> {
+        let (write_ops, write_bytes) = (&self.counters.write_ops, &self.counters.write_bytes);
+        self.write(offset_bytes, data, false).await?;
+        write_ops.fetch_sub(1, Ordering::Relaxed);
+        write_bytes.fetch_sub(data.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Discards a range: whole blocks inside it are deallocated and read as zeros afterwards;
     /// partial blocks at the edges are left as they are (a trim is advisory).
     pub async fn trim(&self, offset_bytes: u64, len_bytes: u64, fua: bool) -> Result<()> {
-        let _ = (offset_bytes, len_bytes, fua);
-        todo!()
+        self.head()?;
+        self.check_range(offset_bytes, len_bytes)?;
+        AtomicCounters::add(&self.counters.trim_ops, 1);
+        AtomicCounters::add(&self.counters.trim_bytes, len_bytes);
+        let (first, end) = (
+            offset_bytes.div_ceil(BLOCK_SIZE),
+            (offset_bytes + len_bytes) / BLOCK_SIZE,
+        );
+        if first < end {
+            self.deallocate(first, end).await?;
+        }
+        if fua {
+            self.pool.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps whole blocks `[first, end)`. A head with history keeps explicit zero extents so
+    /// the change is recorded; one without history simply drops the mapping.
+    async fn deallocate(&self, first: u64, end: u64) -> Result<()> {
+        let (id, gate, ranges) = self.head()?;
+        self.pool.check_writable()?;
+        let _range = ranges.lock(first, end).await;
+        let _gate = gate.read().await;
+        let mut st = self.pool.state.lock();
+        let head = st.catalog.head(id)?;
+        let (root, exclusive_since, volume) = (
+            head.record.root,
+            head.record.exclusive_since,
+            head.record.volume.clone(),
+        );
+        let has_history = head.record.base.is_some();
+        let target = has_history.then_some(Target::Zero);
+        let mut writer = MapWriter {
+            store: &mut st.meta,
+            exclusive_since,
+        };
+        let (root, removed) = writer.replace(root, first, end, target)?;
+        st.release_extents(&volume, &removed, exclusive_since);
+        let head = st.catalog.head_mut(id)?;
+        head.record.root = root;
+        if has_history {
+            head.changed.insert_range(first..end);
+        } else {
+            head.changed.remove_range(first..end);
+        }
+        st.dirty_heads.insert(id);
+        Ok(())
     }
 
     /// Makes every write acknowledged before this call durable, on this session and on every
     /// other session of the pool.
     pub async fn flush(&self) -> Result<()> {
-        todo!()
+        AtomicCounters::add(&self.counters.flush_ops, 1);
+        self.pool.flush().await
     }
 
     /// Prefetches the metadata for a range (NBD_CMD_CACHE).
     pub async fn cache(&self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
-        let _ = (offset_bytes, len_bytes);
-        todo!()
+        self.block_status(offset_bytes, len_bytes).map(|_| ())
     }
 
-    /// Allocation status of a range, as consecutive runs covering at least the first byte and at
-    /// most the whole range.
+    /// Allocation status of a range, as consecutive runs covering it exactly.
     pub fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<BlockStatus>> {
-        let _ = (offset_bytes, len_bytes);
-        todo!()
+        self.check_range(offset_bytes, len_bytes)?;
+        if len_bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let end_bytes = offset_bytes + len_bytes;
+        let (first, end) = (offset_bytes / BLOCK_SIZE, end_bytes.div_ceil(BLOCK_SIZE));
+        let extents = {
+            let mut st = self.pool.state.lock();
+            let root = self.root(&st)?;
+            MapReader {
+                store: &mut st.meta,
+            }
+            .lookup(root, first, end)?
+        };
+        let mut out: Vec<BlockStatus> = Vec::new();
+        for seg in segments(&extents, first, end) {
+            let from = (seg.lblock * BLOCK_SIZE).max(offset_bytes);
+            let to = ((seg.lblock + seg.len) * BLOCK_SIZE).min(end_bytes);
+            let hole = seg.pblock.is_none();
+            match out.last_mut() {
+                Some(last) if last.hole == hole => last.len_bytes += to - from,
+                _ => out.push(BlockStatus {
+                    len_bytes: to - from,
+                    hole,
+                    zero: hole,
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Joins read chunks into one buffer of `len_bytes`.
+fn flatten(mut chunks: Vec<ReadChunk>, len_bytes: u64) -> Vec<u8> {
+    if let [ReadChunk::Data(data)] = chunks.as_mut_slice() {
+        return std::mem::take(data);
+    }
+    let mut out = Vec::with_capacity(len_bytes as usize);
+    for chunk in chunks {
+        match chunk {
+            ReadChunk::Data(data) => out.extend_from_slice(&data),
+            ReadChunk::Zero { len_bytes } => out.resize(out.len() + len_bytes as usize, 0),
+        }
+    }
+    out
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.pool.sessions.lock().remove(&self.info.id);
+        if let Some(vol) = self
+            .pool
+            .state
+            .lock()
+            .catalog
+            .volumes
+            .get_mut(self.info.target.volume())
+        {
+            vol.sessions = vol.sessions.saturating_sub(1);
+        }
+        self.pool.events.publish(Event::SessionClosed {
+            session: self.info.id,
+            export: self.info.export.clone(),
+            counters: self.counters.snapshot(),
+        });
     }
 }

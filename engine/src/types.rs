@@ -60,7 +60,9 @@ impl TryFrom<String> for CommitId {
 /// Volume names: 1-63 of lowercase letters, digits and '-'.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     let ok = (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -104,7 +106,10 @@ impl RefSpec {
         if let Some(name) = &name {
             validate_ref_name("ref", name)?;
         }
-        Ok(RefSpec { volume: volume.to_string(), name })
+        Ok(RefSpec {
+            volume: volume.to_string(),
+            name,
+        })
     }
 }
 
@@ -124,7 +129,11 @@ pub enum ResolvedRef {
     /// A writable branch head.
     Branch { volume: String, branch: String },
     /// A tag, which names a commit.
-    Tag { volume: String, tag: String, commit: CommitId },
+    Tag {
+        volume: String,
+        tag: String,
+        commit: CommitId,
+    },
     /// A commit.
     Commit { volume: String, commit: CommitId },
 }
@@ -263,7 +272,13 @@ mod tests {
 
     #[test]
     fn refspec_parse() {
-        assert_eq!(RefSpec::parse("vol").unwrap(), RefSpec { volume: "vol".into(), name: None });
+        assert_eq!(
+            RefSpec::parse("vol").unwrap(),
+            RefSpec {
+                volume: "vol".into(),
+                name: None
+            }
+        );
         let spec = RefSpec::parse("vol@dev/1").unwrap();
         assert_eq!(spec.name.as_deref(), Some("dev/1"));
         assert!(RefSpec::parse("vol@").is_err());

@@ -37,7 +37,12 @@ const _: () = assert!(std::mem::size_of::<FileHeader>() == 32);
 
 impl FileHeader {
     pub fn encode(magic: [u8; 8], pool_id: [u8; 16]) -> Vec<u8> {
-        let mut header = FileHeader { magic, version: FORMAT_VERSION.into(), crc: 0.into(), pool_id };
+        let mut header = FileHeader {
+            magic,
+            version: FORMAT_VERSION.into(),
+            crc: 0.into(),
+            pool_id,
+        };
         header.crc = crc32c::crc32c(header.as_bytes()).into();
         let mut page = vec![0u8; PAGE_SIZE];
         page[..32].copy_from_slice(header.as_bytes());
@@ -131,7 +136,8 @@ pub fn seal_page(page: &mut [u8]) {
 /// Checks a node page's magic, checksum and self-reference.
 pub fn check_page(page: &[u8], page_no: u64) -> Result<PageHeader> {
     let at = || format!("meta page {page_no}");
-    let (header, _) = PageHeader::read_from_prefix(page).map_err(|_| Error::corrupt("extent-map node (short page)", at()))?;
+    let (header, _) = PageHeader::read_from_prefix(page)
+        .map_err(|_| Error::corrupt("extent-map node (short page)", at()))?;
     if header.magic.get() != NODE_MAGIC {
         return Err(Error::corrupt("extent-map node (bad magic)", at()));
     }
@@ -141,7 +147,10 @@ pub fn check_page(page: &[u8], page_no: u64) -> Result<PageHeader> {
         return Err(Error::corrupt("extent-map node (checksum mismatch)", at()));
     }
     if header.page_no.get() != page_no {
-        return Err(Error::corrupt(format!("extent-map node (claims to be page {})", header.page_no), at()));
+        return Err(Error::corrupt(
+            format!("extent-map node (claims to be page {})", header.page_no),
+            at(),
+        ));
     }
     Ok(header)
 }
@@ -182,7 +191,8 @@ pub fn decode_records(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut at = 0usize;
     while let Ok((header, rest)) = RecordHeader::read_from_prefix(&bytes[at..]) {
         let len = header.len.get();
-        if header.magic.get() != RECORD_MAGIC || len > RECORD_MAX_BYTES || rest.len() < len as usize {
+        if header.magic.get() != RECORD_MAGIC || len > RECORD_MAX_BYTES || rest.len() < len as usize
+        {
             break;
         }
         let payload = &rest[..len as usize];
@@ -202,11 +212,19 @@ mod tests {
     #[test]
     fn file_header_round_trip_and_damage() {
         let page = FileHeader::encode(META_MAGIC, [3; 16]);
-        assert_eq!(FileHeader::decode(&page, META_MAGIC, "meta").unwrap().pool_id, [3; 16]);
+        assert_eq!(
+            FileHeader::decode(&page, META_MAGIC, "meta")
+                .unwrap()
+                .pool_id,
+            [3; 16]
+        );
         assert!(FileHeader::decode(&page, DATA_MAGIC, "data").is_err());
         let mut bad = page.clone();
         bad[20] ^= 1;
-        assert!(matches!(FileHeader::decode(&bad, META_MAGIC, "meta"), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            FileHeader::decode(&bad, META_MAGIC, "meta"),
+            Err(Error::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -43,9 +43,17 @@ impl FileKind {
 #[derive(Debug)]
 pub enum IoOp {
     /// Fill `buf` from `offset`.
-    Read { file: FileKind, offset: u64, buf: Vec<u8> },
+    Read {
+        file: FileKind,
+        offset: u64,
+        buf: Vec<u8>,
+    },
     /// Write all of `buf` at `offset`.
-    Write { file: FileKind, offset: u64, buf: Vec<u8> },
+    Write {
+        file: FileKind,
+        offset: u64,
+        buf: Vec<u8>,
+    },
     /// Make every completed write to `file` durable (fdatasync).
     Sync { file: FileKind },
 }
@@ -81,7 +89,10 @@ pub async fn run(backend: &dyn IoBackend, op: IoOp) -> IoDone {
     );
     match rx.await {
         Ok(done) => done,
-        Err(_) => IoDone { buf: Vec::new(), result: Err(io::Error::other("I/O backend stopped")) },
+        Err(_) => IoDone {
+            buf: Vec::new(),
+            result: Err(io::Error::other("I/O backend stopped")),
+        },
     }
 }
 
@@ -101,12 +112,29 @@ pub fn run_blocking(backend: &dyn IoBackend, op: IoOp) -> IoDone {
     })
 }
 
-pub fn read_blocking(backend: &dyn IoBackend, file: FileKind, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let done = run_blocking(backend, IoOp::Read { file, offset, buf: vec![0; len] });
+pub fn read_blocking(
+    backend: &dyn IoBackend,
+    file: FileKind,
+    offset: u64,
+    len: usize,
+) -> io::Result<Vec<u8>> {
+    let done = run_blocking(
+        backend,
+        IoOp::Read {
+            file,
+            offset,
+            buf: vec![0; len],
+        },
+    );
     done.result.map(|()| done.buf)
 }
 
-pub fn write_blocking(backend: &dyn IoBackend, file: FileKind, offset: u64, buf: Vec<u8>) -> io::Result<()> {
+pub fn write_blocking(
+    backend: &dyn IoBackend,
+    file: FileKind,
+    offset: u64,
+    buf: Vec<u8>,
+) -> io::Result<()> {
     run_blocking(backend, IoOp::Write { file, offset, buf }).result
 }
 
@@ -117,9 +145,18 @@ pub fn sync_blocking(backend: &dyn IoBackend, file: FileKind) -> io::Result<()> 
 /// Opens (creating if needed) the pool files in `dir` for a file-backed backend.
 pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; 3]> {
     let open = |kind: FileKind| {
-        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(kind.file_name()))
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(kind.file_name()))
     };
-    Ok([open(FileKind::Data)?, open(FileKind::Meta)?, open(FileKind::Journal)?])
+    Ok([
+        open(FileKind::Data)?,
+        open(FileKind::Meta)?,
+        open(FileKind::Journal)?,
+    ])
 }
 
 /// Which backend to open.
@@ -145,4 +182,18 @@ pub fn open_backend(dir: &Path, choice: BackendChoice) -> io::Result<Arc<dyn IoB
             }
         },
     }
+}
+
+/// Free bytes available to this process on the file system holding `dir`.
+#[allow(unsafe_code)]
+pub fn fs_available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs writes only into the zeroed struct we pass; `path` is a valid C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `stat` lives across the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }

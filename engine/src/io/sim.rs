@@ -64,7 +64,11 @@ impl SimDisk {
                     _ => {
                         for (i, sector) in data.chunks(SIM_SECTOR_BYTES).enumerate() {
                             if rng.gen_bool(0.5) {
-                                write_into(&mut image, offset + (i * SIM_SECTOR_BYTES) as u64, sector);
+                                write_into(
+                                    &mut image,
+                                    offset + (i * SIM_SECTOR_BYTES) as u64,
+                                    sector,
+                                );
                             }
                         }
                     }
@@ -77,7 +81,11 @@ impl SimDisk {
 
     /// Bytes of a file as reads see them (for tests that corrupt a pool on purpose).
     pub fn file_image(&self, file: FileKind) -> Vec<u8> {
-        self.files.lock().get(&file).map(|f| f.current.clone()).unwrap_or_default()
+        self.files
+            .lock()
+            .get(&file)
+            .map(|f| f.current.clone())
+            .unwrap_or_default()
     }
 
     /// Overwrites bytes of a file durably (for corruption tests).
@@ -102,26 +110,39 @@ impl IoBackend for SimBackend {
         let result = {
             let mut files = self.disk.files.lock();
             match op {
-                IoOp::Read { file, offset, mut buf } => {
+                IoOp::Read {
+                    file,
+                    offset,
+                    mut buf,
+                } => {
                     let image = &files.entry(file).or_default().current;
                     let start = (offset as usize).min(image.len());
                     let end = (offset as usize + buf.len()).min(image.len());
                     let n = end - start;
                     buf[..n].copy_from_slice(&image[start..end]);
                     buf[n..].fill(0);
-                    IoDone { buf, result: Ok(()) }
+                    IoDone {
+                        buf,
+                        result: Ok(()),
+                    }
                 }
                 IoOp::Write { file, offset, buf } => {
                     let sim = files.entry(file).or_default();
                     write_into(&mut sim.current, offset, &buf);
                     sim.pending.push((offset, buf.clone()));
-                    IoDone { buf, result: Ok(()) }
+                    IoDone {
+                        buf,
+                        result: Ok(()),
+                    }
                 }
                 IoOp::Sync { file } => {
                     let sim = files.entry(file).or_default();
                     sim.durable = sim.current.clone();
                     sim.pending.clear();
-                    IoDone { buf: Vec::new(), result: Ok(()) }
+                    IoDone {
+                        buf: Vec::new(),
+                        result: Ok(()),
+                    }
                 }
             }
         };
@@ -129,7 +150,13 @@ impl IoBackend for SimBackend {
     }
 
     fn file_len(&self, file: FileKind) -> io::Result<u64> {
-        Ok(self.disk.files.lock().get(&file).map(|f| f.current.len() as u64).unwrap_or(0))
+        Ok(self
+            .disk
+            .files
+            .lock()
+            .get(&file)
+            .map(|f| f.current.len() as u64)
+            .unwrap_or(0))
     }
 
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
@@ -156,7 +183,10 @@ mod tests {
         write_blocking(&*backend, FileKind::Data, 4096, vec![9; 4096]).unwrap();
         disk.crash(1);
         let backend = disk.backend();
-        assert_eq!(read_blocking(&*backend, FileKind::Data, 0, 4096).unwrap(), vec![7; 4096]);
+        assert_eq!(
+            read_blocking(&*backend, FileKind::Data, 0, 4096).unwrap(),
+            vec![7; 4096]
+        );
     }
 
     #[test]

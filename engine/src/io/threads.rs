@@ -34,14 +34,20 @@ impl ThreadsBackend {
                     .expect("spawning an I/O thread at start-up")
             })
             .collect();
-        ThreadsBackend { files, sender: Mutex::new(Some(sender)), workers }
+        ThreadsBackend {
+            files,
+            sender: Mutex::new(Some(sender)),
+            workers,
+        }
     }
 }
 
 fn worker(files: &[File; 3], receiver: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         let job = {
-            let Ok(receiver) = receiver.lock() else { return };
+            let Ok(receiver) = receiver.lock() else {
+                return;
+            };
             receiver.recv()
         };
         let Ok((op, done)) = job else { return };
@@ -52,7 +58,11 @@ fn worker(files: &[File; 3], receiver: &Mutex<mpsc::Receiver<Job>>) {
 /// Runs one operation with positional I/O; shared with the simulation's reference behaviour.
 pub(crate) fn execute(files: &[File; 3], op: IoOp) -> IoDone {
     match op {
-        IoOp::Read { file, offset, mut buf } => {
+        IoOp::Read {
+            file,
+            offset,
+            mut buf,
+        } => {
             let result = read_full(&files[file as usize], offset, &mut buf);
             IoDone { buf, result }
         }
@@ -60,7 +70,10 @@ pub(crate) fn execute(files: &[File; 3], op: IoOp) -> IoDone {
             let result = files[file as usize].write_all_at(&buf, offset);
             IoDone { buf, result }
         }
-        IoOp::Sync { file } => IoDone { buf: Vec::new(), result: files[file as usize].sync_data() },
+        IoOp::Sync { file } => IoDone {
+            buf: Vec::new(),
+            result: files[file as usize].sync_data(),
+        },
     }
 }
 
@@ -91,11 +104,17 @@ impl IoBackend for ThreadsBackend {
     fn submit(&self, op: IoOp, done: Completion) {
         let sender = self.sender.lock().ok().and_then(|s| s.clone());
         let rejected = match sender {
-            Some(sender) => sender.send((op, done)).err().map(|mpsc::SendError(job)| job),
+            Some(sender) => sender
+                .send((op, done))
+                .err()
+                .map(|mpsc::SendError(job)| job),
             None => Some((op, done)),
         };
         if let Some((_, done)) = rejected {
-            done(IoDone { buf: Vec::new(), result: Err(io::Error::other("I/O backend stopped")) });
+            done(IoDone {
+                buf: Vec::new(),
+                result: Err(io::Error::other("I/O backend stopped")),
+            });
         }
     }
 

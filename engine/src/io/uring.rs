@@ -58,7 +58,13 @@ impl UringBackend {
                 .name("grove-uring".into())
                 .spawn(move || RingThread::new(&files, &wake, receiver, &stopping).run(&mut ring))?
         };
-        Ok(UringBackend { files, sender: Mutex::new(Some(sender)), wake, stopping, thread: Some(thread) })
+        Ok(UringBackend {
+            files,
+            sender: Mutex::new(Some(sender)),
+            wake,
+            stopping,
+            thread: Some(thread),
+        })
     }
 
     fn wake(&self) {
@@ -73,7 +79,11 @@ fn probe(mut ring: IoUring) -> io::Result<IoUring> {
     // SAFETY: a NOP references no memory.
     unsafe { ring.submission().push(&nop) }.map_err(|_| io::Error::other("io_uring queue full"))?;
     ring.submit_and_wait(1)?;
-    let result = ring.completion().next().map(|cqe| cqe.result()).unwrap_or(-libc::EIO);
+    let result = ring
+        .completion()
+        .next()
+        .map(|cqe| cqe.result())
+        .unwrap_or(-libc::EIO);
     if result < 0 {
         return Err(io::Error::from_raw_os_error(-result));
     }
@@ -112,7 +122,12 @@ struct RingThread<'a> {
 }
 
 impl<'a> RingThread<'a> {
-    fn new(files: &'a [File; 3], wake: &'a File, receiver: mpsc::Receiver<Job>, stopping: &'a AtomicBool) -> Self {
+    fn new(
+        files: &'a [File; 3],
+        wake: &'a File,
+        receiver: mpsc::Receiver<Job>,
+        stopping: &'a AtomicBool,
+    ) -> Self {
         RingThread {
             files,
             wake,
@@ -144,17 +159,26 @@ impl<'a> RingThread<'a> {
                 }
             }
             while !self.free_keys.is_empty() {
-                let Some((op, completion)) = self.backlog.pop_front() else { break };
+                let Some((op, completion)) = self.backlog.pop_front() else {
+                    break;
+                };
                 self.start(ring, op, completion);
             }
-            if (disconnected || self.stopping.load(Ordering::Acquire)) && self.inflight() == 0 && self.backlog.is_empty() {
+            if (disconnected || self.stopping.load(Ordering::Acquire))
+                && self.inflight() == 0
+                && self.backlog.is_empty()
+            {
                 self.disarm(ring);
                 return;
             }
             if !self.wake_armed {
-                let read = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
-                    .build()
-                    .user_data(WAKE_TOKEN);
+                let read = opcode::Read::new(
+                    types::Fd(self.wake.as_raw_fd()),
+                    self.wake_buf.as_mut_ptr(),
+                    8,
+                )
+                .build()
+                .user_data(WAKE_TOKEN);
                 // SAFETY: `wake_buf` is a boxed buffer owned by this thread that outlives the ring
                 // operation: it is only dropped after `run` returns, and `run` returns only when
                 // nothing is in flight. The slab keeps one entry free for this read.
@@ -164,14 +188,19 @@ impl<'a> RingThread<'a> {
             }
             match ring.submit_and_wait(1) {
                 Ok(_) => {}
-                Err(err) if err.raw_os_error() == Some(libc::EINTR) || err.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(err)
+                    if err.raw_os_error() == Some(libc::EINTR)
+                        || err.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(err) => {
                     tracing::error!(error = %err, "io_uring_enter failed");
                     self.fail_all(err);
                     return;
                 }
             }
-            let completions: Vec<(u64, i32)> = ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+            let completions: Vec<(u64, i32)> = ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result()))
+                .collect();
             for (key, result) in completions {
                 if key == WAKE_TOKEN {
                     self.wake_armed = false;
@@ -212,13 +241,22 @@ impl<'a> RingThread<'a> {
             IoOp::Write { file, offset, buf } => (OpKind::Write, file, offset, buf),
             IoOp::Sync { file } => (OpKind::Sync, file, 0, Vec::new()),
         };
-        self.slab[key] = Some(InFlight { op: kind, file, offset, buf, done_bytes: 0, completion });
+        self.slab[key] = Some(InFlight {
+            op: kind,
+            file,
+            offset,
+            buf,
+            done_bytes: 0,
+            completion,
+        });
         self.push(ring, key);
     }
 
     /// Pushes the (rest of the) request in `slab[key]` to the submission queue.
     fn push(&mut self, ring: &mut IoUring, key: usize) {
-        let Some(req) = self.slab[key].as_mut() else { return };
+        let Some(req) = self.slab[key].as_mut() else {
+            return;
+        };
         let fd = types::Fd(self.files[req.file as usize].as_raw_fd());
         let rest = req.buf.len() - req.done_bytes;
         // Chunks above 1 GiB are split; the remainder goes as a short transfer would.
@@ -235,7 +273,9 @@ impl<'a> RingThread<'a> {
                 let ptr = unsafe { req.buf.as_ptr().add(req.done_bytes) };
                 opcode::Write::new(fd, ptr, len).offset(offset).build()
             }
-            OpKind::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            OpKind::Sync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
         }
         .user_data(key as u64);
         // SAFETY: the buffer is owned by `slab[key]` until this request's CQE is reaped and the
@@ -250,7 +290,9 @@ impl<'a> RingThread<'a> {
     }
 
     fn complete(&mut self, ring: &mut IoUring, key: usize, result: i32) {
-        let Some(req) = self.slab.get_mut(key).and_then(|r| r.as_mut()) else { return };
+        let Some(req) = self.slab.get_mut(key).and_then(|r| r.as_mut()) else {
+            return;
+        };
         if result < 0 {
             if -result == libc::EINTR || -result == libc::EAGAIN {
                 self.push(ring, key);
@@ -271,7 +313,13 @@ impl<'a> RingThread<'a> {
                 req.buf[from..].fill(0);
                 self.finish(key, Ok(()));
             } else {
-                self.finish(key, Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0 bytes")));
+                self.finish(
+                    key,
+                    Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "write returned 0 bytes",
+                    )),
+                );
             }
             return;
         }
@@ -286,7 +334,10 @@ impl<'a> RingThread<'a> {
     fn finish(&mut self, key: usize, result: io::Result<()>) {
         if let Some(req) = self.slab[key].take() {
             self.free_keys.push(key);
-            (req.completion)(IoDone { buf: req.buf, result });
+            (req.completion)(IoDone {
+                buf: req.buf,
+                result,
+            });
         }
     }
 
@@ -295,13 +346,21 @@ impl<'a> RingThread<'a> {
         // than freed while the kernel might still use them.
         for slot in self.slab.iter_mut() {
             if let Some(req) = slot.take() {
-                let InFlight { buf, completion, .. } = req;
+                let InFlight {
+                    buf, completion, ..
+                } = req;
                 std::mem::forget(buf);
-                completion(IoDone { buf: Vec::new(), result: Err(io::Error::new(err.kind(), err.to_string())) });
+                completion(IoDone {
+                    buf: Vec::new(),
+                    result: Err(io::Error::new(err.kind(), err.to_string())),
+                });
             }
         }
         while let Some((_, completion)) = self.backlog.pop_front() {
-            completion(IoDone { buf: Vec::new(), result: Err(io::Error::new(err.kind(), err.to_string())) });
+            completion(IoDone {
+                buf: Vec::new(),
+                result: Err(io::Error::new(err.kind(), err.to_string())),
+            });
         }
     }
 }
@@ -314,11 +373,17 @@ impl IoBackend for UringBackend {
     fn submit(&self, op: IoOp, done: Completion) {
         let sender = self.sender.lock().ok().and_then(|s| s.clone());
         let rejected = match sender {
-            Some(sender) => sender.send((op, done)).err().map(|mpsc::SendError(job)| job),
+            Some(sender) => sender
+                .send((op, done))
+                .err()
+                .map(|mpsc::SendError(job)| job),
             None => Some((op, done)),
         };
         match rejected {
-            Some((_, done)) => done(IoDone { buf: Vec::new(), result: Err(io::Error::other("I/O backend stopped")) }),
+            Some((_, done)) => done(IoDone {
+                buf: Vec::new(),
+                result: Err(io::Error::other("I/O backend stopped")),
+            }),
             None => self.wake(),
         }
     }

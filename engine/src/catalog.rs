@@ -1,0 +1,306 @@
+//! The catalog: volumes, branch heads, commits and tags, held in memory and made durable as
+//! journal records (see FORMAT.md, "journal"). Replaying the journal from the start rebuilds it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::types::*;
+
+/// Where a commit's roaring bitmap of changed blocks is stored in the metadata file.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlobRef {
+    pub page: u64,
+    pub len_bytes: u64,
+    pub crc: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitRecord {
+    pub info: CommitInfo,
+    /// Root page of the commit's extent map (0: empty).
+    pub root: u64,
+    /// Generation of the sync point that made the commit: all its nodes and extents are born
+    /// at or before it.
+    pub gen: u64,
+    pub bitmap: BlobRef,
+}
+
+/// The durable state of a branch head.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeadRecord {
+    pub id: u64,
+    pub volume: String,
+    pub branch: String,
+    pub root: u64,
+    /// Nodes and data blocks born at or after this generation belong to this head alone.
+    pub exclusive_since: u64,
+    /// The commit the head continues from.
+    pub base: Option<CommitId>,
+    /// Generation of `base` (0 without one): extents born after it are the head's changes.
+    pub base_gen: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum CatalogOp {
+    CreateVolume {
+        id: u64,
+        name: String,
+        size_bytes: u64,
+        created_unix: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    DeleteBranch {
+        volume: String,
+        branch: String,
+    },
+    Commit {
+        commit: CommitRecord,
+    },
+    CreateTag {
+        volume: String,
+        tag: String,
+        commit: CommitId,
+        created_unix: u64,
+    },
+    DeleteTag {
+        volume: String,
+        tag: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// A durable sync point: catalog changes, then the heads whose state changed.
+    Sync {
+        gen: u64,
+        ops: Vec<CatalogOp>,
+        heads: Vec<HeadRecord>,
+    },
+}
+
+/// A live branch head.
+pub struct Head {
+    pub record: HeadRecord,
+    /// Blocks written since `base` (what the next commit records).
+    pub changed: RoaringTreemap,
+    /// Writes hold it shared; commit and branch forks hold it exclusively, so that no in-place
+    /// write lands in a block while it becomes shared.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+    /// Serialises overlapping writes on this head (sub-block read-modify-write needs it).
+    pub ranges: Arc<crate::range_lock::RangeLock>,
+}
+
+impl Head {
+    pub fn new(record: HeadRecord) -> Head {
+        Head {
+            record,
+            changed: RoaringTreemap::new(),
+            gate: Default::default(),
+            ranges: Default::default(),
+        }
+    }
+}
+
+pub struct Volume {
+    pub name: String,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    /// Branch name -> head id.
+    pub branches: BTreeMap<String, u64>,
+    pub commits: BTreeMap<CommitId, CommitRecord>,
+    pub tags: BTreeMap<String, TagInfo>,
+    /// Open sessions on any ref of the volume.
+    pub sessions: usize,
+    /// Data blocks the volume's refs map (shared ones once).
+    pub blocks: u64,
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    pub volumes: BTreeMap<String, Volume>,
+    pub heads: HashMap<u64, Head>,
+    pub next_id: u64,
+}
+
+impl Catalog {
+    pub fn volume(&self, name: &str) -> Result<&Volume> {
+        self.volumes
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("volume {name:?}")))
+    }
+
+    pub fn volume_mut(&mut self, name: &str) -> Result<&mut Volume> {
+        self.volumes
+            .get_mut(name)
+            .ok_or_else(|| Error::not_found(format!("volume {name:?}")))
+    }
+
+    pub fn head_id(&self, volume: &str, branch: &str) -> Result<u64> {
+        self.volume(volume)?
+            .branches
+            .get(branch)
+            .copied()
+            .ok_or_else(|| Error::not_found(format!("branch {branch:?} of volume {volume:?}")))
+    }
+
+    pub fn head(&self, id: u64) -> Result<&Head> {
+        self.heads
+            .get(&id)
+            .ok_or_else(|| Error::not_found("branch"))
+    }
+
+    pub fn head_mut(&mut self, id: u64) -> Result<&mut Head> {
+        self.heads
+            .get_mut(&id)
+            .ok_or_else(|| Error::not_found("branch"))
+    }
+
+    pub fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Finds a commit by full id or unique prefix (at least 4 hex digits).
+    pub fn find_commit(&self, volume: &str, prefix: &str) -> Result<&CommitRecord> {
+        let vol = self.volume(volume)?;
+        let prefix = prefix.to_ascii_lowercase();
+        if prefix.len() < 4 || prefix.len() > 32 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::not_found(format!(
+                "commit {prefix:?} in volume {volume:?}"
+            )));
+        }
+        let low = CommitId::try_from(format!("{prefix:0<32}")).map_err(Error::InvalidArgument)?;
+        let mut matches = vol
+            .commits
+            .range(low..)
+            .take_while(|(id, _)| id.to_hex().starts_with(&prefix));
+        let first = matches.next();
+        let rest = matches.count();
+        match first {
+            None => Err(Error::not_found(format!(
+                "commit {prefix:?} in volume {volume:?}"
+            ))),
+            Some((_, commit)) if rest == 0 => Ok(commit),
+            Some(_) => Err(Error::Ambiguous {
+                prefix,
+                count: rest + 1,
+            }),
+        }
+    }
+
+    /// Resolves a ref string: a branch, then a tag, then a commit id or prefix.
+    pub fn resolve(&self, spec: &str) -> Result<ResolvedRef> {
+        let spec = RefSpec::parse(spec)?;
+        let vol = self.volume(&spec.volume)?;
+        let name = spec.name.as_deref().unwrap_or(MAIN_BRANCH);
+        if vol.branches.contains_key(name) {
+            return Ok(ResolvedRef::Branch {
+                volume: vol.name.clone(),
+                branch: name.to_string(),
+            });
+        }
+        if let Some(tag) = vol.tags.get(name) {
+            return Ok(ResolvedRef::Tag {
+                volume: vol.name.clone(),
+                tag: name.to_string(),
+                commit: tag.commit,
+            });
+        }
+        match self.find_commit(&vol.name, name) {
+            Ok(commit) => Ok(ResolvedRef::Commit {
+                volume: vol.name.clone(),
+                commit: commit.info.id,
+            }),
+            Err(Error::NotFound { .. }) => Err(Error::not_found(format!(
+                "ref {name:?} (no branch, tag or commit) in volume {:?}",
+                vol.name
+            ))),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Applies a replayed or new catalog change.
+    pub fn apply(&mut self, op: &CatalogOp) -> Result<()> {
+        match op {
+            CatalogOp::CreateVolume {
+                id,
+                name,
+                size_bytes,
+                created_unix,
+            } => {
+                self.next_id = self.next_id.max(*id);
+                self.volumes.insert(
+                    name.clone(),
+                    Volume {
+                        name: name.clone(),
+                        size_bytes: *size_bytes,
+                        created_unix: *created_unix,
+                        branches: BTreeMap::new(),
+                        commits: BTreeMap::new(),
+                        tags: BTreeMap::new(),
+                        sessions: 0,
+                        blocks: 0,
+                    },
+                );
+            }
+            CatalogOp::DeleteVolume { name } => {
+                if let Some(vol) = self.volumes.remove(name) {
+                    for id in vol.branches.values() {
+                        self.heads.remove(id);
+                    }
+                }
+            }
+            CatalogOp::DeleteBranch { volume, branch } => {
+                if let Some(id) = self.volume_mut(volume)?.branches.remove(branch) {
+                    self.heads.remove(&id);
+                }
+            }
+            CatalogOp::Commit { commit } => {
+                self.volume_mut(&commit.info.volume)?
+                    .commits
+                    .insert(commit.info.id, commit.clone());
+            }
+            CatalogOp::CreateTag {
+                volume,
+                tag,
+                commit,
+                created_unix,
+            } => {
+                let info = TagInfo {
+                    volume: volume.clone(),
+                    name: tag.clone(),
+                    commit: *commit,
+                    created_unix: *created_unix,
+                };
+                self.volume_mut(volume)?.tags.insert(tag.clone(), info);
+            }
+            CatalogOp::DeleteTag { volume, tag } => {
+                self.volume_mut(volume)?.tags.remove(tag);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a head's durable state, creating the head if it is new.
+    pub fn apply_head(&mut self, record: &HeadRecord) -> Result<()> {
+        self.next_id = self.next_id.max(record.id);
+        let vol = self.volume_mut(&record.volume)?;
+        vol.branches.insert(record.branch.clone(), record.id);
+        match self.heads.get_mut(&record.id) {
+            Some(head) => head.record = record.clone(),
+            None => {
+                self.heads.insert(record.id, Head::new(record.clone()));
+            }
+        }
+        Ok(())
+    }
+}
