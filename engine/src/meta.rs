@@ -354,23 +354,40 @@ impl MetaStore {
         }
     }
 
-    /// Writes every dirty node (part of a sync).
+    /// Writes every dirty node (part of a sync), all submitted at once.
     pub fn write_dirty(&mut self) -> Result<usize> {
         let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut submitted = 0;
         for &page in &dirty {
             if let Some(cached) = self.cache.peek_mut(&page) {
                 cached.dirty = false;
-                let node = cached.node.clone();
-                io::write_blocking(
-                    &*self.backend,
-                    FileKind::Meta,
-                    page * PAGE_SIZE as u64,
-                    node.encode(page),
-                )
-                .map_err(Error::from_io)?;
+                let tx = tx.clone();
+                let op = io::IoOp::Write {
+                    file: FileKind::Meta,
+                    offset: page * PAGE_SIZE as u64,
+                    buf: cached.node.encode(page),
+                };
+                self.backend.submit(
+                    op,
+                    Box::new(move |done| {
+                        let _ = tx.send(done.result);
+                    }),
+                );
+                submitted += 1;
             }
         }
-        Ok(dirty.len())
+        drop(tx);
+        let mut first_error = None;
+        for result in rx.iter().take(submitted) {
+            if let Err(err) = result {
+                first_error.get_or_insert(err);
+            }
+        }
+        match first_error {
+            Some(err) => Err(Error::from_io(err)),
+            None => Ok(dirty.len()),
+        }
     }
 
     pub fn dirty_pages(&self) -> usize {

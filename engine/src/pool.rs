@@ -161,6 +161,11 @@ impl Pool {
         self.inner.events.subscribe()
     }
 
+    /// True after an I/O failure: the pool refuses writes until it is reopened.
+    pub fn is_failed(&self) -> bool {
+        self.inner.check_writable().is_err()
+    }
+
     pub fn io_backend(&self) -> &'static str {
         self.inner.backend.name()
     }

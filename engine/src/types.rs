@@ -77,12 +77,15 @@ pub fn validate_ref_name(kind: &str, name: &str) -> Result<()> {
     let ok = (1..=128).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        // Path-like names must stay usable in URLs: no empty, "." or ".." components.
+        && name.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
     if ok {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "invalid {kind} name {name:?}: use 1-128 letters, digits, '-', '_', '.' and '/'"
+            "invalid {kind} name {name:?}: use 1-128 letters, digits, '-', '_', '.' and '/', \
+             with no empty, '.' or '..' parts between slashes"
         )))
     }
 }
@@ -151,9 +154,11 @@ impl ResolvedRef {
         !matches!(self, ResolvedRef::Branch { .. })
     }
 
-    /// The canonical name: `VOL@BRANCH`, `VOL@TAG` or `VOL@COMMITID`.
+    /// The canonical name, as exports are listed: `VOL` for the main branch, else
+    /// `VOL@BRANCH`, `VOL@TAG` or `VOL@COMMITID`.
     pub fn canonical_name(&self) -> String {
         match self {
+            ResolvedRef::Branch { volume, branch } if branch == MAIN_BRANCH => volume.clone(),
             ResolvedRef::Branch { volume, branch } => format!("{volume}@{branch}"),
             ResolvedRef::Tag { volume, tag, .. } => format!("{volume}@{tag}"),
             ResolvedRef::Commit { volume, commit } => format!("{volume}@{commit}"),
@@ -268,6 +273,10 @@ mod tests {
         assert!(validate_ref_name("branch", "a b").is_err());
         assert!(validate_ref_name("branch", "a@b").is_err());
         assert!(validate_ref_name("branch", &"a".repeat(129)).is_err());
+        for bad in [".", "..", "a/../b", "/a", "a/", "a//b"] {
+            assert!(validate_ref_name("branch", bad).is_err(), "{bad}");
+        }
+        assert!(validate_ref_name("tag", "v1.0/rc.1").is_ok());
     }
 
     #[test]

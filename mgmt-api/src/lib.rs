@@ -1,0 +1,91 @@
+//! grove's control plane: the REST API under `/v1` over an engine [`Pool`], with its OpenAPI
+//! document at `/v1/openapi.json` and the probes `/healthz` and `/readyz`.
+//!
+//! It validates every request before it reaches the engine, maps engine errors to HTTP statuses
+//! in one place ([`error::engine_error_status`]) and answers every failure, including malformed
+//! requests and unknown routes, as `{"error": {"code": "...", "message": "..."}}`.
+//!
+//! It must never know NBD or iSCSI, nor touch the disk itself: everything goes through the
+//! engine's public API.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod error;
+pub mod extract;
+pub mod model;
+pub mod openapi;
+pub mod routes;
+pub mod size;
+pub mod validate;
+
+use std::future::Future;
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use grove_engine::Pool;
+
+use crate::error::ApiError;
+pub use crate::openapi::openapi;
+
+/// The API's router over `pool`.
+pub fn router(pool: Pool) -> Router {
+    let (router, _) = routes::api_router().split_for_parts();
+    router
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_request))
+        .with_state(pool)
+}
+
+/// Serves the API on `listener` until the task is dropped or the listener fails.
+pub async fn serve(pool: Pool, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    serve_with_shutdown(pool, listener, std::future::pending()).await
+}
+
+/// Serves the API on `listener` until `shutdown` completes; then stops accepting connections
+/// and returns once the requests in flight are answered.
+pub async fn serve_with_shutdown(
+    pool: Pool,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(pool))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    let mut message = format!("no route for {method} {path}");
+    if path.contains("/branches/") || path.contains("/tags/") {
+        message.push_str(" (a '/' inside a branch or tag name must be sent as %2F)");
+    }
+    ApiError::not_found(message)
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn log_request(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        "api request"
+    );
+    response
+}

@@ -1,0 +1,171 @@
+//! The OpenAPI document, generated from the route annotations so that it lists exactly the
+//! routes the router serves.
+
+use std::sync::OnceLock;
+
+use utoipa::OpenApi;
+
+use crate::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "grove",
+        description = "Control plane of grove, a block-device versioning appliance: volumes, \
+            branches, commits, tags, sessions and pool status.\n\n\
+            Errors are JSON `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}` with a 4xx or \
+            5xx status.\n\n\
+            Branch and tag names may contain '/'. In a path segment, send it percent-encoded as \
+            %2F: `/v1/volumes/vm/branches/feature%2Fx`. Refs in bodies and query strings are \
+            names within the volume (a branch, tag, or commit id or unique prefix), or full refs \
+            `VOL@NAME` naming the same volume.",
+        license(name = "Apache-2.0")
+    ),
+    tags(
+        (name = "volumes", description = "Sparse block volumes"),
+        (name = "branches", description = "Writable heads of a volume"),
+        (name = "commits", description = "Immutable snapshots and history"),
+        (name = "tags", description = "Names for commits"),
+        (name = "sessions", description = "Live NBD and iSCSI sessions"),
+        (name = "pool", description = "Pool capacity and use"),
+        (name = "health", description = "Liveness, readiness and this document"),
+    )
+)]
+struct ApiDoc;
+
+/// The API's OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut document = ApiDoc::openapi();
+    document.info.version = env!("CARGO_PKG_VERSION").to_string();
+    document.merge(routes::api_router().into_openapi());
+    document
+}
+
+/// The document as JSON, built once.
+pub(crate) fn document_json() -> &'static str {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        // Serializing a tree of plain strings, maps and numbers cannot fail; an empty object
+        // keeps the endpoint answering even so.
+        openapi().to_json().unwrap_or_else(|_| "{}".to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const ROUTES: &[(&str, &str)] = &[
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/v1/openapi.json"),
+        ("get", "/v1/pool"),
+        ("get", "/v1/sessions"),
+        ("get", "/v1/volumes"),
+        ("post", "/v1/volumes"),
+        ("get", "/v1/volumes/{vol}"),
+        ("delete", "/v1/volumes/{vol}"),
+        ("get", "/v1/volumes/{vol}/branches"),
+        ("post", "/v1/volumes/{vol}/branches"),
+        ("get", "/v1/volumes/{vol}/branches/{branch}"),
+        ("delete", "/v1/volumes/{vol}/branches/{branch}"),
+        ("post", "/v1/volumes/{vol}/branches/{branch}/commits"),
+        ("get", "/v1/volumes/{vol}/commits/{id}"),
+        ("get", "/v1/volumes/{vol}/log"),
+        ("get", "/v1/volumes/{vol}/tags"),
+        ("post", "/v1/volumes/{vol}/tags"),
+        ("get", "/v1/volumes/{vol}/tags/{tag}"),
+        ("delete", "/v1/volumes/{vol}/tags/{tag}"),
+    ];
+
+    fn document() -> serde_json::Value {
+        serde_json::from_str(document_json()).expect("the document is JSON")
+    }
+
+    #[test]
+    fn lists_every_route_and_no_other() {
+        let document = document();
+        let paths = document["paths"].as_object().expect("paths");
+        let mut listed = BTreeSet::new();
+        for (path, item) in paths {
+            for method in item.as_object().expect("path item").keys() {
+                if ["get", "post", "put", "patch", "delete", "head", "options"]
+                    .contains(&method.as_str())
+                {
+                    listed.insert((method.clone(), path.clone()));
+                }
+            }
+        }
+        let expected: BTreeSet<_> = ROUTES
+            .iter()
+            .map(|(method, path)| (method.to_string(), path.to_string()))
+            .collect();
+        assert_eq!(listed, expected);
+    }
+
+    #[test]
+    fn every_operation_is_described() {
+        let document = document();
+        for (method, path) in ROUTES {
+            let operation = &document["paths"][path][method];
+            assert!(
+                operation["summary"].is_string(),
+                "{method} {path} has no summary"
+            );
+            assert!(operation["tags"].is_array(), "{method} {path} has no tag");
+            assert!(operation["responses"]
+                .as_object()
+                .is_some_and(|r| !r.is_empty()));
+            let placeholders = path.matches('{').count();
+            let path_params = operation["parameters"]
+                .as_array()
+                .map(|params| params.iter().filter(|p| p["in"] == "path").count())
+                .unwrap_or(0);
+            assert_eq!(path_params, placeholders, "{method} {path} path parameters");
+        }
+        let log_params = document["paths"]["/v1/volumes/{vol}/log"]["get"]["parameters"]
+            .as_array()
+            .expect("log parameters")
+            .iter()
+            .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+            .collect::<BTreeSet<_>>();
+        assert_eq!(log_params, ["limit", "ref", "vol"].map(String::from).into());
+    }
+
+    #[test]
+    fn has_a_schema_for_every_body() {
+        let document = document();
+        let schemas = document["components"]["schemas"]
+            .as_object()
+            .expect("schemas");
+        for name in [
+            "Volume",
+            "CreateVolume",
+            "ByteSize",
+            "Branch",
+            "CreateBranch",
+            "Commit",
+            "CreateCommit",
+            "Tag",
+            "CreateTag",
+            "PoolStatus",
+            "Session",
+            "SessionTarget",
+            "SessionClient",
+            "SessionCounters",
+            "Health",
+            "ErrorBody",
+            "ErrorDetail",
+        ] {
+            assert!(schemas.contains_key(name), "no schema {name}");
+        }
+        assert!(schemas["CreateTag"]["properties"].get("ref").is_some());
+        assert_eq!(
+            document["openapi"].as_str().map(|v| v.starts_with("3.")),
+            Some(true)
+        );
+        assert_eq!(document["info"]["version"], env!("CARGO_PKG_VERSION"));
+    }
+}

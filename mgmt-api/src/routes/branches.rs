@@ -1,0 +1,128 @@
+//! `/v1/volumes/{vol}/branches` and `/v1/volumes/{vol}/branches/{branch}`.
+//!
+//! Branch names may contain '/': clients send it percent-encoded as %2F inside the path
+//! segment (`/v1/volumes/vm/branches/feature%2Fx`), and the path extractor decodes it.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use grove_engine::Pool;
+
+use super::{blocking, encode_segment, location};
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{ApiPath, JsonBody};
+use crate::model::{Branch, CreateBranch};
+use crate::validate;
+
+/// List the branches of a volume.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/branches",
+    tag = "branches",
+    params(("vol" = String, Path, description = "Volume name")),
+    responses(
+        (status = 200, description = "Every branch of the volume", body = [Branch]),
+        (status = 400, description = "Invalid volume name", body = ErrorBody),
+        (status = 404, description = "No such volume", body = ErrorBody),
+    )
+)]
+pub async fn list_branches(
+    State(pool): State<Pool>,
+    ApiPath(volume): ApiPath<String>,
+) -> Result<Json<Vec<Branch>>, ApiError> {
+    validate::volume_name(&volume)?;
+    let branches = blocking(pool, move |pool| Ok(pool.branches(&volume)?)).await?;
+    Ok(Json(branches.into_iter().map(Branch::from).collect()))
+}
+
+/// Create a branch.
+///
+/// The branch starts at `from` (default `main`); creating it copies nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/volumes/{vol}/branches",
+    tag = "branches",
+    params(("vol" = String, Path, description = "Volume name")),
+    request_body = CreateBranch,
+    responses(
+        (status = 201, description = "The new branch", body = Branch,
+            headers(("location" = String, description = "Path of the new branch"))),
+        (status = 400, description = "Invalid name, ref or body", body = ErrorBody),
+        (status = 404, description = "No such volume or ref", body = ErrorBody),
+        (status = 409, description = "A branch or tag with that name exists", body = ErrorBody),
+    )
+)]
+pub async fn create_branch(
+    State(pool): State<Pool>,
+    ApiPath(volume): ApiPath<String>,
+    JsonBody(request): JsonBody<CreateBranch>,
+) -> Result<impl IntoResponse, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::new_ref_name("branch", &request.name)?;
+    let from = request
+        .from
+        .as_deref()
+        .map(|from| validate::ref_in_volume(&volume, from))
+        .transpose()?;
+    let info = pool
+        .create_branch(&volume, &request.name, from.as_deref())
+        .await?;
+    let headers = location(format!(
+        "/v1/volumes/{}/branches/{}",
+        info.volume,
+        encode_segment(&info.name)
+    ));
+    Ok((StatusCode::CREATED, headers, Json(Branch::from(info))))
+}
+
+/// Show a branch.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/branches/{branch}",
+    tag = "branches",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("branch" = String, Path, description = "Branch name, with '/' sent as %2F"),
+    ),
+    responses(
+        (status = 200, description = "The branch", body = Branch),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such volume or branch", body = ErrorBody),
+    )
+)]
+pub async fn show_branch(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+) -> Result<Json<Branch>, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    let info = blocking(pool, move |pool| Ok(pool.branch(&volume, &branch)?)).await?;
+    Ok(Json(info.into()))
+}
+
+/// Delete a branch. Its commits stay while a tag or another branch reaches them.
+#[utoipa::path(
+    delete,
+    path = "/v1/volumes/{vol}/branches/{branch}",
+    tag = "branches",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("branch" = String, Path, description = "Branch name, with '/' sent as %2F"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such volume or branch", body = ErrorBody),
+        (status = 409, description = "The branch cannot be deleted (main, or in use)", body = ErrorBody),
+    )
+)]
+pub async fn delete_branch(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    pool.delete_branch(&volume, &branch).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,97 @@
+//! Commits: `POST /v1/volumes/{vol}/branches/{branch}/commits`,
+//! `GET /v1/volumes/{vol}/commits/{id}` and `GET /v1/volumes/{vol}/log`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use grove_engine::{Pool, MAIN_BRANCH};
+
+use super::{blocking, location};
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::model::{Commit, CreateCommit, LogQuery};
+use crate::validate;
+
+/// Commit the head of a branch.
+///
+/// Every write acknowledged before the request is in the commit.
+#[utoipa::path(
+    post,
+    path = "/v1/volumes/{vol}/branches/{branch}/commits",
+    tag = "commits",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("branch" = String, Path, description = "Branch name, with '/' sent as %2F"),
+    ),
+    request_body = CreateCommit,
+    responses(
+        (status = 201, description = "The new commit", body = Commit,
+            headers(("location" = String, description = "Path of the new commit"))),
+        (status = 400, description = "Invalid name, message, author, metadata or body", body = ErrorBody),
+        (status = 404, description = "No such volume or branch", body = ErrorBody),
+        (status = 507, description = "No space left in the pool", body = ErrorBody),
+    )
+)]
+pub async fn create_commit(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+    JsonBody(request): JsonBody<CreateCommit>,
+) -> Result<impl IntoResponse, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    let request = validate::commit_request(request)?;
+    let info = pool.commit(&volume, &branch, request).await?;
+    let headers = location(format!("/v1/volumes/{}/commits/{}", info.volume, info.id));
+    Ok((StatusCode::CREATED, headers, Json(Commit::from(info))))
+}
+
+/// Show a commit by full id or unique prefix.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/commits/{id}",
+    tag = "commits",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("id" = String, Path, description = "Commit id (32 hex digits) or a unique prefix of one"),
+    ),
+    responses(
+        (status = 200, description = "The commit", body = Commit),
+        (status = 400, description = "Invalid id, or a prefix matching several commits", body = ErrorBody),
+        (status = 404, description = "No such volume or commit", body = ErrorBody),
+    )
+)]
+pub async fn show_commit(
+    State(pool): State<Pool>,
+    ApiPath((volume, id)): ApiPath<(String, String)>,
+) -> Result<Json<Commit>, ApiError> {
+    validate::volume_name(&volume)?;
+    let id = validate::commit_id_prefix(&id)?;
+    let info = blocking(pool, move |pool| Ok(pool.commit_info(&volume, &id)?)).await?;
+    Ok(Json(info.into()))
+}
+
+/// History of a ref, newest first, following first parents.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/log",
+    tag = "commits",
+    params(("vol" = String, Path, description = "Volume name"), LogQuery),
+    responses(
+        (status = 200, description = "Commits, newest first", body = [Commit]),
+        (status = 400, description = "Invalid ref or limit", body = ErrorBody),
+        (status = 404, description = "No such volume or ref", body = ErrorBody),
+    )
+)]
+pub async fn log(
+    State(pool): State<Pool>,
+    ApiPath(volume): ApiPath<String>,
+    ApiQuery(query): ApiQuery<LogQuery>,
+) -> Result<Json<Vec<Commit>>, ApiError> {
+    validate::volume_name(&volume)?;
+    let reference = query.reference.as_deref().unwrap_or(MAIN_BRANCH);
+    let refspec = validate::ref_in_volume(&volume, reference)?;
+    let limit = validate::log_limit(query.limit)?;
+    let commits = blocking(pool, move |pool| Ok(pool.log(&refspec, Some(limit))?)).await?;
+    Ok(Json(commits.into_iter().map(Commit::from).collect()))
+}

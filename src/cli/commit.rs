@@ -1,0 +1,84 @@
+//! `grove commit VOL[@BRANCH] -m MSG [--author A] [--meta k=v]...`: prints the new commit id.
+
+use std::collections::BTreeMap;
+
+use clap::Args;
+use grove_mgmt_api::model::Commit;
+use serde_json::json;
+
+use super::client::{decode, segment, Client};
+use super::output::print_json;
+use super::refs;
+
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The branch to commit: VOL (its main branch) or VOL@BRANCH.
+    #[arg(value_name = "VOL[@BRANCH]")]
+    pub target: String,
+    /// Commit message.
+    #[arg(short, long, value_name = "MSG")]
+    pub message: String,
+    /// Who makes the commit.
+    #[arg(long, value_name = "A")]
+    pub author: Option<String>,
+    /// Metadata entry; repeat for more.
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+    pub meta: Vec<(String, String)>,
+}
+
+fn parse_meta(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("invalid metadata {text:?}: use KEY=VALUE")),
+    }
+}
+
+fn meta_map(entries: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut meta = BTreeMap::new();
+    for (key, value) in entries {
+        if meta.insert(key.clone(), value).is_some() {
+            anyhow::bail!("metadata key {key:?} is given more than once");
+        }
+    }
+    Ok(meta)
+}
+
+pub fn run(client: &Client, json: bool, args: CommitArgs) -> anyhow::Result<()> {
+    let target = refs::parse_branch(&args.target)?;
+    let meta = meta_map(args.meta)?;
+    let mut body = json!({"message": args.message, "meta": meta});
+    if let Some(author) = &args.author {
+        body["author"] = json!(author);
+    }
+    let path = format!(
+        "/v1/volumes/{}/branches/{}/commits",
+        segment(&target.volume)?,
+        segment(&target.name)?
+    );
+    let text = client.post(&path, &body)?;
+    if json {
+        return print_json(&text);
+    }
+    let commit: Commit = decode(&text)?;
+    println!("{}", commit.id);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_entries() {
+        assert_eq!(parse_meta("a=1"), Ok(("a".into(), "1".into())));
+        assert_eq!(parse_meta("a="), Ok(("a".into(), String::new())));
+        assert_eq!(
+            parse_meta("url=http://x?a=b"),
+            Ok(("url".into(), "http://x?a=b".into()))
+        );
+        assert!(parse_meta("a").is_err());
+        assert!(parse_meta("=1").is_err());
+        assert!(meta_map(vec![("a".into(), "1".into()), ("a".into(), "2".into())]).is_err());
+        assert_eq!(meta_map(vec![("b".into(), "2".into())]).unwrap().len(), 1);
+    }
+}

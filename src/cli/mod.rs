@@ -1,0 +1,173 @@
+//! The command line: `grove serve` and the client commands, which talk to a running daemon's
+//! HTTP API and print tables (or the API's JSON with `--json`).
+
+mod branch;
+mod client;
+mod commit;
+mod log;
+mod output;
+mod pool;
+mod refs;
+mod sessions;
+mod tag;
+mod volume;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ServeArgs;
+use client::Client;
+
+/// Default address of the API, matching `grove serve`'s default `api-listen`.
+pub const API_URL_DEFAULT: &str = "http://127.0.0.1:8470";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "grove",
+    version,
+    about = "Block-device versioning appliance: volumes with branches, commits and tags, served over NBD",
+    after_help = "Refs: VOL means VOL@main; VOL@BRANCH, VOL@TAG, VOL@COMMIT (full id or unique prefix)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// URL of the grove API that client commands talk to.
+    #[arg(long, global = true, value_name = "URL", env = "GROVE_API", default_value = API_URL_DEFAULT)]
+    pub api: String,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: the pool, the NBD server and the HTTP API.
+    Serve(ServeArgs),
+    /// Create, list, show and delete volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Show the pool's capacity, used and free bytes.
+    Pool,
+    /// Create, list and delete branches.
+    #[command(subcommand)]
+    Branch(branch::BranchCommand),
+    /// Commit the head of a branch; prints the new commit id.
+    Commit(commit::CommitArgs),
+    /// Create, list and delete tags.
+    #[command(subcommand)]
+    Tag(tag::TagCommand),
+    /// Show the history of a ref, newest first.
+    Log(log::LogArgs),
+    /// List live NBD and iSCSI sessions with their I/O counters.
+    Sessions,
+}
+
+/// Runs a command: `serve` runs the daemon, every other command is a client of its API.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli { global, command } = cli;
+    let client = || Client::new(&global.api);
+    let json = global.json;
+    match command {
+        Command::Serve(args) => crate::serve::main(args),
+        Command::Volume(command) => volume::run(&client()?, json, command),
+        Command::Pool => pool::run(&client()?, json),
+        Command::Branch(command) => branch::run(&client()?, json, command),
+        Command::Commit(args) => commit::run(&client()?, json, args),
+        Command::Tag(command) => tag::run(&client()?, json, command),
+        Command::Log(args) => log::run(&client()?, json, args),
+        Command::Sessions => sessions::run(&client()?, json),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = Cli::try_parse_from(["grove", "volume", "list", "--json", "--api", "http://h:1"])
+            .expect("parses");
+        assert!(cli.global.json);
+        assert_eq!(cli.global.api, "http://h:1");
+        let cli = Cli::try_parse_from(["grove", "--json", "pool"]).expect("parses");
+        assert!(cli.global.json);
+    }
+
+    #[test]
+    fn serve_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "grove",
+            "serve",
+            "--data-dir",
+            "/d",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-socket",
+            "/run/nbd.sock",
+            "--iscsi-listen",
+            "0.0.0.0:3260",
+            "--api-listen",
+            "[::1]:8470",
+            "--io-backend",
+            "io-uring",
+            "--cache-size",
+            "64MiB",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.data_dir.as_deref(), Some(std::path::Path::new("/d")));
+        assert_eq!(args.io_backend, Some(crate::config::IoBackend::IoUring));
+        assert_eq!(
+            args.cache_size,
+            Some(grove_mgmt_api::size::ByteSize(64 << 20))
+        );
+        assert!(Cli::try_parse_from(["grove", "serve", "--io-backend", "uring"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "serve", "--cache-size", "big"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "serve", "--api-listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn contract_commands_parse() {
+        for line in [
+            "grove volume create vm --size 10GiB",
+            "grove volume list",
+            "grove volume show vm",
+            "grove volume delete vm",
+            "grove pool",
+            "grove branch create vm dev --from vm@v1",
+            "grove branch list vm",
+            "grove branch delete vm dev",
+            "grove commit vm@dev -m msg --author ana --meta a=1 --meta b=2",
+            "grove tag create vm v1 vm@main",
+            "grove tag list vm",
+            "grove tag delete vm v1",
+            "grove log vm@dev --limit 5",
+            "grove sessions",
+        ] {
+            let words: Vec<&str> = line.split(' ').collect();
+            Cli::try_parse_from(&words).unwrap_or_else(|error| panic!("{line}: {error}"));
+        }
+        assert!(
+            Cli::try_parse_from(["grove", "volume", "create", "vm"]).is_err(),
+            "--size is required"
+        );
+        assert!(
+            Cli::try_parse_from(["grove", "commit", "vm"]).is_err(),
+            "-m is required"
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! `grove serve`: the composition root. Opens the pool, binds every listener, hands the pool to
+//! the NBD server and the HTTP API, prints one ready line, and on SIGTERM or SIGINT stops the
+//! listeners, flushes the pool and exits 0.
+
+use std::io::{self, IsTerminal};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use grove_engine::Pool;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ServeArgs};
+
+/// How long requests in flight on the API may take to finish once shutdown starts.
+const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long blocking tasks may run on after the pool is flushed, before the process exits.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn main(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging();
+    let config = Config::resolve(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("grove")
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(run(config));
+    // NBD connections still open are dropped here; everything they had acknowledged before the
+    // final flush is durable. Blocking work still running gets a bounded time to finish.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    result
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`); stdout carries only the ready line.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let (filter, bad_filter) = match std::env::var("RUST_LOG") {
+        Ok(text) if !text.is_empty() => match EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(error) => (
+                EnvFilter::new("info"),
+                Some(format!("ignoring RUST_LOG={text:?}: {error}")),
+            ),
+        },
+        _ => (EnvFilter::new("info"), None),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
+        .init();
+    if let Some(message) = bad_filter {
+        tracing::warn!("{message}");
+    }
+}
+
+/// The ways a server task can end; they all run until the process shuts them down, so an end
+/// before that is a failure.
+type ServerResult = (&'static str, io::Result<()>);
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        ?config,
+        "starting grove"
+    );
+
+    // Signals are caught from here on, so a signal during start-up still ends in a clean stop.
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let pool = open_pool(&config).await?;
+
+    let nbd_listener = TcpListener::bind(config.nbd_listen)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", config.nbd_listen))?;
+    let nbd_address = nbd_listener.local_addr()?;
+    let unix_listener = match &config.nbd_socket {
+        Some(path) => Some(bind_unix_socket(path)?),
+        None => None,
+    };
+    let api_listener = TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("cannot listen for the HTTP API on {}", config.api_listen))?;
+    let api_address = api_listener.local_addr()?;
+    // iSCSI is not implemented yet: an address someone chose deserves a warning, the default
+    // only a note.
+    if config.iscsi_listen == Config::default().iscsi_listen {
+        tracing::info!(address = %config.iscsi_listen, "iSCSI is not available yet; not listening");
+    } else {
+        tracing::warn!(address = %config.iscsi_listen, "iSCSI is not available yet; not listening on iscsi-listen");
+    }
+
+    let mut servers: JoinSet<ServerResult> = JoinSet::new();
+    let nbd_pool = pool.clone();
+    servers.spawn(async move {
+        (
+            "NBD",
+            grove_nbd_server::serve_tcp(nbd_pool, nbd_listener).await,
+        )
+    });
+    if let Some(listener) = unix_listener {
+        let unix_pool = pool.clone();
+        servers.spawn(async move {
+            (
+                "NBD Unix socket",
+                grove_nbd_server::serve_unix(unix_pool, listener).await,
+            )
+        });
+    }
+    let (api_stop, api_stopped) = oneshot::channel::<()>();
+    let api_pool = pool.clone();
+    let mut api = tokio::spawn(async move {
+        let shutdown = async move {
+            // A dropped sender also means stop.
+            let _ = api_stopped.await;
+        };
+        grove_mgmt_api::serve_with_shutdown(api_pool, api_listener, shutdown).await
+    });
+
+    tracing::info!(%nbd_address, %api_address, nbd_socket = ?config.nbd_socket, "listening");
+    println!(
+        "{}",
+        ready_line(
+            nbd_address,
+            config.nbd_socket.as_deref(),
+            api_address,
+            &config.data_dir
+        )
+    );
+
+    let failure = tokio::select! {
+        _ = terminate.recv() => { tracing::info!("SIGTERM received; shutting down"); None }
+        _ = interrupt.recv() => { tracing::info!("SIGINT received; shutting down"); None }
+        Some(ended) = servers.join_next() => Some(server_ended(ended)),
+        ended = &mut api => Some(server_ended(ended.map(|result| ("HTTP API", result)))),
+    };
+
+    // Stop accepting: the API drains its requests in flight; the NBD listeners are dropped.
+    let _ = api_stop.send(());
+    servers.abort_all();
+    while servers.join_next().await.is_some() {}
+    if !api.is_finished() {
+        match tokio::time::timeout(API_DRAIN_TIMEOUT, &mut api).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the HTTP API stopped with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(
+                    "API requests still running after {API_DRAIN_TIMEOUT:?}; dropping them"
+                );
+                api.abort();
+            }
+        }
+    }
+    if let Some(path) = &config.nbd_socket {
+        if let Err(error) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), %error, "cannot remove the NBD socket");
+        }
+    }
+
+    pool.flush().await.context("cannot flush the pool")?;
+    tracing::info!("pool flushed; stopped");
+    match failure {
+        None => Ok(()),
+        Some(error) => Err(error),
+    }
+}
+
+async fn open_pool(config: &Config) -> anyhow::Result<Pool> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let options = config.pool_options();
+    let pool = tokio::task::spawn_blocking(move || Pool::open(options))
+        .await
+        .context("opening the pool failed")?
+        .with_context(|| format!("cannot open the pool in {}", data_dir.display()))?;
+    match pool.stats() {
+        Ok(stats) => tracing::info!(
+            data_dir = %config.data_dir.display(),
+            io_backend = stats.io_backend,
+            capacity_bytes = stats.capacity_bytes,
+            used_bytes = stats.used_bytes,
+            "pool open"
+        ),
+        Err(error) => tracing::warn!(%error, "pool open, but its statistics cannot be read"),
+    }
+    Ok(pool)
+}
+
+/// Binds the NBD Unix socket, replacing a stale socket file from an earlier run. A socket that
+/// still accepts connections belongs to a running server and is left alone.
+fn bind_unix_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            anyhow::bail!(
+                "cannot listen for NBD on {}: the path exists and is not a socket",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "cannot listen for NBD on {}: another server is using it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        tracing::info!(path = %path.display(), "removed a stale NBD socket");
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot listen for NBD on {}", path.display()))
+}
+
+fn server_ended(ended: Result<ServerResult, tokio::task::JoinError>) -> anyhow::Error {
+    match ended {
+        Ok((name, Ok(()))) => anyhow::anyhow!("the {name} server stopped unexpectedly"),
+        Ok((name, Err(error))) => anyhow::anyhow!("the {name} server failed: {error}"),
+        Err(error) => anyhow::anyhow!("a server task failed: {error}"),
+    }
+}
+
+/// The one line printed on stdout once every listener is bound, with the bound addresses (so a
+/// port 0 in the config shows the port actually chosen).
+fn ready_line(
+    nbd: SocketAddr,
+    nbd_socket: Option<&Path>,
+    api: SocketAddr,
+    data_dir: &Path,
+) -> String {
+    let mut line = format!("grove ready: nbd={nbd}");
+    if let Some(path) = nbd_socket {
+        line.push_str(&format!(" nbd-socket={}", path.display()));
+    }
+    line.push_str(&format!(
+        " api=http://{api} data-dir={}",
+        display_dir(data_dir).display()
+    ));
+    line
+}
+
+fn display_dir(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_lists_the_addresses() {
+        let line = ready_line(
+            "127.0.0.1:10809".parse().expect("address"),
+            Some(Path::new("/run/grove.sock")),
+            "127.0.0.1:8470".parse().expect("address"),
+            Path::new("/nonexistent/grove-data"),
+        );
+        assert_eq!(
+            line,
+            "grove ready: nbd=127.0.0.1:10809 nbd-socket=/run/grove.sock api=http://127.0.0.1:8470 \
+             data-dir=/nonexistent/grove-data"
+        );
+    }
+
+    #[test]
+    fn stale_unix_socket_is_replaced_and_live_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nbd.sock");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let live = bind_unix_socket(&path).expect("first bind");
+            assert!(
+                bind_unix_socket(&path).is_err(),
+                "a live socket must not be replaced"
+            );
+            drop(live);
+            // The file stays behind after the listener is dropped, as after a crash.
+            assert!(path.exists());
+            bind_unix_socket(&path).expect("a stale socket is replaced");
+        });
+        let plain = dir.path().join("file");
+        std::fs::write(&plain, b"x").expect("write");
+        runtime.block_on(async {
+            assert!(bind_unix_socket(&plain).is_err());
+        });
+    }
+}
