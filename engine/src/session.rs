@@ -5,13 +5,14 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
-use crate::io::{FileKind, IoDone, IoOp};
+use crate::io::{FileKind, IoDone, IoOp, Piece};
 use crate::meta::Target;
 use crate::pool::PoolInner;
 use crate::range_lock::RangeLock;
@@ -88,8 +89,11 @@ pub struct SessionInfo {
 /// A piece of a sparse read: data, or a run of zeros that need not be sent as bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReadChunk {
-    Data(Vec<u8>),
-    Zero { len_bytes: u64 },
+    /// A slice of the request's one read buffer (cheap to clone and to send).
+    Data(Bytes),
+    Zero {
+        len_bytes: u64,
+    },
 }
 
 impl ReadChunk {
@@ -285,38 +289,60 @@ impl Session {
             .lookup(root, first, end)?;
             (extents, self.pool.grace.enter())
         };
-        let mut pending = Vec::new();
+        // Lay the request out: byte ranges of data (with their file offsets) and of zeros.
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut layout: Vec<(u64, u64, bool)> = Vec::new();
         for seg in segments(&extents, first, end) {
             let from = (seg.lblock * BLOCK_SIZE).max(offset_bytes);
             let to = ((seg.lblock + seg.len) * BLOCK_SIZE).min(end_bytes);
-            match seg.pblock {
-                Some(p) => {
-                    let at = p * BLOCK_SIZE + (from - seg.lblock * BLOCK_SIZE);
-                    let op = IoOp::Read {
-                        file: FileKind::Data,
-                        offset: at,
-                        buf: vec![0; (to - from) as usize],
-                    };
-                    pending.push(Err(submit(&self.pool, op)));
-                }
-                None => pending.push(Ok(to - from)),
-            }
-        }
-        let mut chunks: Vec<ReadChunk> = Vec::with_capacity(pending.len());
-        for item in pending {
-            match item {
-                Ok(len_bytes) => match chunks.last_mut() {
-                    Some(ReadChunk::Zero { len_bytes: run }) => *run += len_bytes,
-                    _ => chunks.push(ReadChunk::Zero { len_bytes }),
-                },
-                Err(rx) => {
-                    let done = completion(rx).await;
-                    done.result.map_err(Error::Io)?;
-                    chunks.push(ReadChunk::Data(done.buf));
+            if let Some(p) = seg.pblock {
+                let file_offset = p * BLOCK_SIZE + (from - seg.lblock * BLOCK_SIZE);
+                let buf_offset = (from - offset_bytes) as usize;
+                let len = (to - from) as usize;
+                match pieces.last_mut() {
+                    Some(last)
+                        if last.buf_offset + last.len == buf_offset
+                            && last.file_offset + last.len as u64 == file_offset =>
+                    {
+                        last.len += len;
+                    }
+                    _ => pieces.push(Piece {
+                        file_offset,
+                        buf_offset,
+                        len,
+                    }),
                 }
             }
+            match layout.last_mut() {
+                Some((_, last_to, data)) if *data == seg.pblock.is_some() => *last_to = to,
+                _ => layout.push((from, to, seg.pblock.is_some())),
+            }
         }
-        Ok(chunks)
+        if pieces.is_empty() {
+            return Ok(vec![ReadChunk::Zero { len_bytes }]);
+        }
+        let buf = vec![0u8; len_bytes as usize];
+        let op = IoOp::ReadMany {
+            file: FileKind::Data,
+            buf,
+            pieces,
+        };
+        let done = completion(submit(&self.pool, op)).await;
+        done.result.map_err(Error::Io)?;
+        let bytes = Bytes::from(done.buf);
+        Ok(layout
+            .into_iter()
+            .map(|(from, to, data)| {
+                let (a, b) = ((from - offset_bytes) as usize, (to - offset_bytes) as usize);
+                if data {
+                    ReadChunk::Data(bytes.slice(a..b))
+                } else {
+                    ReadChunk::Zero {
+                        len_bytes: to - from,
+                    }
+                }
+            })
+            .collect())
     }
 
     /// Writes `data` at `offset_bytes`. Any alignment; sub-block writes read-modify-write inside
@@ -409,27 +435,20 @@ impl Session {
             }
             (exclusive_since, volume, self.pool.grace.enter())
         };
-        let pending: Vec<_> = runs
+        let pieces: Vec<Piece> = runs
             .iter()
-            .map(|&(l, len, p, _)| {
-                let at = ((l - first) * BLOCK_SIZE) as usize;
-                let buf = data[at..at + (len * BLOCK_SIZE) as usize].to_vec();
-                submit(
-                    &self.pool,
-                    IoOp::Write {
-                        file: FileKind::Data,
-                        offset: p * BLOCK_SIZE,
-                        buf,
-                    },
-                )
+            .map(|&(l, len, p, _)| Piece {
+                file_offset: p * BLOCK_SIZE,
+                buf_offset: ((l - first) * BLOCK_SIZE) as usize,
+                len: (len * BLOCK_SIZE) as usize,
             })
             .collect();
-        let mut failure = None;
-        for rx in pending {
-            if let Err(err) = completion(rx).await.result {
-                failure.get_or_insert(err);
-            }
-        }
+        let op = IoOp::WriteMany {
+            file: FileKind::Data,
+            buf: data.to_vec(),
+            pieces,
+        };
+        let failure = completion(submit(&self.pool, op)).await.result.err();
         let mut st = self.pool.state.lock();
         if let Some(err) = failure {
             // The new blocks were never mapped: nothing references them.
@@ -633,7 +652,7 @@ impl Session {
 /// Joins read chunks into one buffer of `len_bytes`.
 fn flatten(mut chunks: Vec<ReadChunk>, len_bytes: u64) -> Vec<u8> {
     if let [ReadChunk::Data(data)] = chunks.as_mut_slice() {
-        return std::mem::take(data);
+        return Vec::from(std::mem::take(data));
     }
     let mut out = Vec::with_capacity(len_bytes as usize);
     for chunk in chunks {

@@ -279,9 +279,12 @@ impl ExportHandle for MemoryHandle {
                 }
                 match chunks.last_mut() {
                     Some(ReadChunk::Data(data)) if from == position => {
-                        data.extend_from_slice(&block[in_block])
+                        let mut joined = Vec::with_capacity(data.len() + in_block.len());
+                        joined.extend_from_slice(data);
+                        joined.extend_from_slice(&block[in_block]);
+                        *data = joined.into();
                     }
-                    _ => chunks.push(ReadChunk::Data(block[in_block].to_vec())),
+                    _ => chunks.push(ReadChunk::Data(block[in_block].to_vec().into())),
                 }
                 position = offset_bytes + in_range.end as u64;
             }

@@ -17,6 +17,8 @@
 //! `NBD_CMD_DISC` does the same without the flush.
 
 use std::io::{self, IoSlice};
+
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -293,7 +295,7 @@ pub(crate) struct Reply {
     /// Headers and fixed-size payload fields of every message, back to back.
     meta: Vec<u8>,
     /// Data buffers, each sent after `meta[..at]`.
-    data: Vec<(usize, Vec<u8>)>,
+    data: Vec<(usize, Bytes)>,
     permits: Option<Permits>,
 }
 
@@ -322,9 +324,9 @@ impl Reply {
         cookie: u64,
         request_offset: u64,
         fixed: &[u8],
-        data: Option<Vec<u8>>,
+        data: Option<Bytes>,
     ) {
-        let data_len = data.as_ref().map_or(0, Vec::len);
+        let data_len = data.as_ref().map_or(0, Bytes::len);
         let payload_len = (fixed.len() + data_len) as u64;
         put_chunk_header(
             &mut self.meta,
@@ -661,13 +663,13 @@ async fn read<H: ExportHandle>(
                         cookie,
                         offset,
                         &fixed,
-                        Some(data),
+                        Some(data.into()),
                     );
                     reply
                 } else {
                     let mut reply = Reply::simple(0, cookie);
                     let at = reply.meta.len();
-                    reply.data.push((at, data));
+                    reply.data.push((at, data.into()));
                     reply
                 }
             }
@@ -1315,9 +1317,9 @@ mod tests {
     fn nbd_cmd_read_structured_chunks() {
         let chunks = vec![
             ReadChunk::Zero { len_bytes: 4096 },
-            ReadChunk::Data(vec![7u8; 100]),
+            ReadChunk::Data(vec![7u8; 100].into()),
             ReadChunk::Zero { len_bytes: 0 },
-            ReadChunk::Data(vec![8u8; 50]),
+            ReadChunk::Data(vec![8u8; 50].into()),
         ];
         let reply = read_chunks_reply(ReplyMode::Structured, 5, 1000, 4246, chunks).unwrap();
         let mut slices = Vec::new();
@@ -1356,7 +1358,7 @@ mod tests {
     #[test]
     fn extended_reply_chunks_carry_the_request_offset() {
         let chunks = vec![
-            ReadChunk::Data(vec![1u8; 10]),
+            ReadChunk::Data(vec![1u8; 10].into()),
             ReadChunk::Zero { len_bytes: 10 },
         ];
         let reply = read_chunks_reply(ReplyMode::Extended, 5, 1 << 33, 20, chunks).unwrap();

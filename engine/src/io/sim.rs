@@ -135,6 +135,47 @@ impl IoBackend for SimBackend {
                         result: Ok(()),
                     }
                 }
+                IoOp::ReadMany { buf, pieces, .. } | IoOp::WriteMany { buf, pieces, .. }
+                    if !IoOp::pieces_fit(&buf, &pieces) =>
+                {
+                    IoDone {
+                        buf,
+                        result: Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "piece outside its buffer",
+                        )),
+                    }
+                }
+                IoOp::ReadMany {
+                    file,
+                    mut buf,
+                    pieces,
+                } => {
+                    let image = &files.entry(file).or_default().current;
+                    for p in pieces {
+                        let start = (p.file_offset as usize).min(image.len());
+                        let end = (p.file_offset as usize + p.len).min(image.len());
+                        let n = end - start;
+                        buf[p.buf_offset..p.buf_offset + n].copy_from_slice(&image[start..end]);
+                        buf[p.buf_offset + n..p.buf_offset + p.len].fill(0);
+                    }
+                    IoDone {
+                        buf,
+                        result: Ok(()),
+                    }
+                }
+                IoOp::WriteMany { file, buf, pieces } => {
+                    let sim = files.entry(file).or_default();
+                    for p in pieces {
+                        let data = &buf[p.buf_offset..p.buf_offset + p.len];
+                        write_into(&mut sim.current, p.file_offset, data);
+                        sim.pending.push((p.file_offset, data.to_vec()));
+                    }
+                    IoDone {
+                        buf,
+                        result: Ok(()),
+                    }
+                }
                 IoOp::Sync { file } => {
                     let sim = files.entry(file).or_default();
                     sim.durable = sim.current.clone();

@@ -70,6 +70,37 @@ pub(crate) fn execute(files: &[File; 3], op: IoOp) -> IoDone {
             let result = files[file as usize].write_all_at(&buf, offset);
             IoDone { buf, result }
         }
+        IoOp::ReadMany { buf, pieces, .. } | IoOp::WriteMany { buf, pieces, .. }
+            if !IoOp::pieces_fit(&buf, &pieces) =>
+        {
+            let err = io::Error::new(io::ErrorKind::InvalidInput, "piece outside its buffer");
+            IoDone {
+                buf,
+                result: Err(err),
+            }
+        }
+        IoOp::ReadMany {
+            file,
+            mut buf,
+            pieces,
+        } => {
+            let file = &files[file as usize];
+            let result = pieces.iter().try_for_each(|p| {
+                read_full(
+                    file,
+                    p.file_offset,
+                    &mut buf[p.buf_offset..p.buf_offset + p.len],
+                )
+            });
+            IoDone { buf, result }
+        }
+        IoOp::WriteMany { file, buf, pieces } => {
+            let file = &files[file as usize];
+            let result = pieces.iter().try_for_each(|p| {
+                file.write_all_at(&buf[p.buf_offset..p.buf_offset + p.len], p.file_offset)
+            });
+            IoDone { buf, result }
+        }
         IoOp::Sync { file } => IoDone {
             buf: Vec::new(),
             result: files[file as usize].sync_data(),

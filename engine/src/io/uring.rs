@@ -17,7 +17,7 @@ use std::thread;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{Completion, FileKind, IoBackend, IoDone, IoOp};
+use super::{Completion, FileKind, IoBackend, IoDone, IoOp, Piece};
 
 /// Submission queue entries of the ring.
 pub const URING_ENTRIES: u32 = 256;
@@ -33,6 +33,8 @@ pub struct UringBackend {
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     wake: Arc<File>,
     stopping: Arc<AtomicBool>,
+    /// Set while the ring thread may block: only then does a submitter need to wake it.
+    sleeping: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
@@ -52,17 +54,22 @@ impl UringBackend {
         let files = Arc::new(files);
         let (sender, receiver) = mpsc::channel::<Job>();
         let stopping = Arc::new(AtomicBool::new(false));
+        let sleeping = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (files, wake, stopping) = (files.clone(), wake.clone(), stopping.clone());
+            let (files, wake) = (files.clone(), wake.clone());
+            let (stopping, sleeping) = (stopping.clone(), sleeping.clone());
             thread::Builder::new()
                 .name("grove-uring".into())
-                .spawn(move || RingThread::new(&files, &wake, receiver, &stopping).run(&mut ring))?
+                .spawn(move || {
+                    RingThread::new(&files, &wake, receiver, &stopping, &sleeping).run(&mut ring)
+                })?
         };
         Ok(UringBackend {
             files,
             sender: Mutex::new(Some(sender)),
             wake,
             stopping,
+            sleeping,
             thread: Some(thread),
         })
     }
@@ -90,15 +97,26 @@ fn probe(mut ring: IoUring) -> io::Result<IoUring> {
     Ok(ring)
 }
 
-/// A request the kernel is working on.
+/// A request the kernel is working on: one or more pieces, each its own SQE, all writing into
+/// or reading from the request's one buffer. The request completes when every piece has.
 struct InFlight {
     op: OpKind,
     file: FileKind,
-    offset: u64,
     buf: Vec<u8>,
-    /// Bytes already transferred; short transfers are resubmitted for the rest.
-    done_bytes: usize,
+    pieces: Vec<PieceState>,
+    /// Pieces not finished yet.
+    remaining: usize,
+    /// The first error of any piece.
+    error: Option<io::Error>,
     completion: Completion,
+}
+
+struct PieceState {
+    file_offset: u64,
+    buf_offset: usize,
+    len: usize,
+    /// Bytes already transferred; a short transfer is resubmitted for the rest.
+    done_bytes: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -108,11 +126,17 @@ enum OpKind {
     Sync,
 }
 
+/// `user_data` layout: slab key in the low 16 bits, piece index above.
+fn token(key: usize, piece: usize) -> u64 {
+    key as u64 | ((piece as u64) << 16)
+}
+
 struct RingThread<'a> {
     files: &'a [File; 3],
     wake: &'a File,
     receiver: mpsc::Receiver<Job>,
     stopping: &'a AtomicBool,
+    sleeping: &'a AtomicBool,
     slab: Vec<Option<InFlight>>,
     free_keys: Vec<usize>,
     /// Requests received but not yet in the kernel (the slab was full).
@@ -127,12 +151,14 @@ impl<'a> RingThread<'a> {
         wake: &'a File,
         receiver: mpsc::Receiver<Job>,
         stopping: &'a AtomicBool,
+        sleeping: &'a AtomicBool,
     ) -> Self {
         RingThread {
             files,
             wake,
             receiver,
             stopping,
+            sleeping,
             slab: (0..URING_INFLIGHT_MAX).map(|_| None).collect(),
             free_keys: (0..URING_INFLIGHT_MAX).rev().collect(),
             backlog: Default::default(),
@@ -145,19 +171,20 @@ impl<'a> RingThread<'a> {
         URING_INFLIGHT_MAX - self.free_keys.len()
     }
 
+    /// Moves received requests to the backlog; true when the channel is closed.
+    fn receive(&mut self) -> bool {
+        loop {
+            match self.receiver.try_recv() {
+                Ok(job) => self.backlog.push_back(job),
+                Err(mpsc::TryRecvError::Empty) => return false,
+                Err(mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
     fn run(mut self, ring: &mut IoUring) {
         loop {
-            let mut disconnected = false;
-            loop {
-                match self.receiver.try_recv() {
-                    Ok(job) => self.backlog.push_back(job),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            }
+            let mut disconnected = self.receive();
             while !self.free_keys.is_empty() {
                 let Some((op, completion)) = self.backlog.pop_front() else {
                     break;
@@ -180,13 +207,25 @@ impl<'a> RingThread<'a> {
                 .build()
                 .user_data(WAKE_TOKEN);
                 // SAFETY: `wake_buf` is a boxed buffer owned by this thread that outlives the ring
-                // operation: it is only dropped after `run` returns, and `run` returns only when
-                // nothing is in flight. The slab keeps one entry free for this read.
-                if unsafe { ring.submission().push(&read) }.is_ok() {
+                // operation: `run` ends only after `disarm` has reaped this read.
+                if self.push_entry(ring, &read) {
                     self.wake_armed = true;
                 }
             }
-            match ring.submit_and_wait(1) {
+            // Tell submitters to wake us, then look once more, so that no request sent between
+            // the look above and the sleep is missed.
+            self.sleeping.store(true, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            disconnected |= self.receive();
+            let must_wait =
+                self.backlog.is_empty() && !disconnected && !self.stopping.load(Ordering::Acquire);
+            let entered = if must_wait {
+                ring.submit_and_wait(1)
+            } else {
+                ring.submit()
+            };
+            self.sleeping.store(false, Ordering::SeqCst);
+            match entered {
                 Ok(_) => {}
                 Err(err)
                     if err.raw_os_error() == Some(libc::EINTR)
@@ -201,11 +240,16 @@ impl<'a> RingThread<'a> {
                 .completion()
                 .map(|cqe| (cqe.user_data(), cqe.result()))
                 .collect();
-            for (key, result) in completions {
-                if key == WAKE_TOKEN {
+            for (token, result) in completions {
+                if token == WAKE_TOKEN {
                     self.wake_armed = false;
                 } else {
-                    self.complete(ring, key as usize, result);
+                    self.complete(
+                        ring,
+                        (token & 0xffff) as usize,
+                        (token >> 16) as usize,
+                        result,
+                    );
                 }
             }
         }
@@ -231,91 +275,161 @@ impl<'a> RingThread<'a> {
         }
     }
 
+    /// Pushes an entry, first handing queued entries to the kernel if the queue is full.
+    fn push_entry(&mut self, ring: &mut IoUring, entry: &squeue::Entry) -> bool {
+        for _ in 0..2 {
+            // SAFETY: callers guarantee that every buffer an entry points to stays owned and
+            // unmoved until its completion is reaped (see `push_piece` and `run`).
+            if unsafe { ring.submission().push(entry) }.is_ok() {
+                return true;
+            }
+            if ring.submit().is_err() {
+                return false;
+            }
+        }
+        false
+    }
+
     fn start(&mut self, ring: &mut IoUring, op: IoOp, completion: Completion) {
         let Some(key) = self.free_keys.pop() else {
             self.backlog.push_front((op, completion));
             return;
         };
-        let (kind, file, offset, buf) = match op {
-            IoOp::Read { file, offset, buf } => (OpKind::Read, file, offset, buf),
-            IoOp::Write { file, offset, buf } => (OpKind::Write, file, offset, buf),
-            IoOp::Sync { file } => (OpKind::Sync, file, 0, Vec::new()),
+        let whole = |offset: u64, len: usize| {
+            vec![PieceState {
+                file_offset: offset,
+                buf_offset: 0,
+                len,
+                done_bytes: 0,
+            }]
+        };
+        let to_state = |pieces: Vec<Piece>| -> Vec<PieceState> {
+            pieces
+                .into_iter()
+                .map(|p| PieceState {
+                    file_offset: p.file_offset,
+                    buf_offset: p.buf_offset,
+                    len: p.len,
+                    done_bytes: 0,
+                })
+                .collect()
+        };
+        let (kind, file, buf, pieces) = match op {
+            IoOp::Read { file, offset, buf } => (OpKind::Read, file, whole(offset, buf.len()), buf),
+            IoOp::Write { file, offset, buf } => {
+                (OpKind::Write, file, whole(offset, buf.len()), buf)
+            }
+            IoOp::ReadMany { file, buf, pieces } | IoOp::WriteMany { file, buf, pieces }
+                if !IoOp::pieces_fit(&buf, &pieces) =>
+            {
+                let _ = file;
+                self.free_keys.push(key);
+                completion(IoDone {
+                    buf,
+                    result: Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "piece outside its buffer",
+                    )),
+                });
+                return;
+            }
+            IoOp::ReadMany { file, buf, pieces } => (OpKind::Read, file, to_state(pieces), buf),
+            IoOp::WriteMany { file, buf, pieces } => (OpKind::Write, file, to_state(pieces), buf),
+            IoOp::Sync { file } => (OpKind::Sync, file, Vec::new(), Vec::new()),
+        }
+        .into_parts();
+        let count = if kind == OpKind::Sync {
+            1
+        } else {
+            pieces.len()
         };
         self.slab[key] = Some(InFlight {
             op: kind,
             file,
-            offset,
             buf,
-            done_bytes: 0,
+            pieces,
+            remaining: count,
+            error: None,
             completion,
         });
-        self.push(ring, key);
+        if count == 0 {
+            self.finish(key);
+            return;
+        }
+        for piece in 0..count {
+            self.push_piece(ring, key, piece);
+        }
     }
 
-    /// Pushes the (rest of the) request in `slab[key]` to the submission queue.
-    fn push(&mut self, ring: &mut IoUring, key: usize) {
+    /// Pushes the (rest of the) piece `piece` of `slab[key]` to the submission queue.
+    fn push_piece(&mut self, ring: &mut IoUring, key: usize, piece: usize) {
         let Some(req) = self.slab[key].as_mut() else {
             return;
         };
         let fd = types::Fd(self.files[req.file as usize].as_raw_fd());
-        let rest = req.buf.len() - req.done_bytes;
-        // Chunks above 1 GiB are split; the remainder goes as a short transfer would.
-        let len = rest.min(1 << 30) as u32;
-        let offset = req.offset + req.done_bytes as u64;
         let entry: squeue::Entry = match req.op {
-            OpKind::Read => {
-                // SAFETY: in bounds: done_bytes + len <= buf.len().
-                let ptr = unsafe { req.buf.as_mut_ptr().add(req.done_bytes) };
-                opcode::Read::new(fd, ptr, len).offset(offset).build()
-            }
-            OpKind::Write => {
-                // SAFETY: in bounds: done_bytes + len <= buf.len().
-                let ptr = unsafe { req.buf.as_ptr().add(req.done_bytes) };
-                opcode::Write::new(fd, ptr, len).offset(offset).build()
-            }
             OpKind::Sync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            op => {
+                let p = &req.pieces[piece];
+                let rest = p.len - p.done_bytes;
+                // Chunks above 1 GiB are split; the remainder goes as a short transfer would.
+                let len = rest.min(1 << 30) as u32;
+                let offset = p.file_offset + p.done_bytes as u64;
+                let at = p.buf_offset + p.done_bytes;
+                if op == OpKind::Read {
+                    // SAFETY: in bounds: pieces were checked to fit the buffer at `start`.
+                    let ptr = unsafe { req.buf.as_mut_ptr().add(at) };
+                    opcode::Read::new(fd, ptr, len).offset(offset).build()
+                } else {
+                    // SAFETY: as above.
+                    let ptr = unsafe { req.buf.as_ptr().add(at) };
+                    opcode::Write::new(fd, ptr, len).offset(offset).build()
+                }
+            }
         }
-        .user_data(key as u64);
-        // SAFETY: the buffer is owned by `slab[key]` until this request's CQE is reaped and the
-        // slab entry is taken; a Vec's heap memory does not move while the Vec itself does not
-        // reallocate, and nothing resizes it in flight.
-        let pushed = unsafe { ring.submission().push(&entry) }.is_ok();
-        if !pushed {
-            // The queue is sized above the slab, so this cannot happen; fail the request
-            // rather than lose it.
-            self.finish(key, Err(io::Error::other("io_uring submission queue full")));
+        .user_data(token(key, piece));
+        // The buffer is owned by `slab[key]` until every piece's CQE is reaped and the entry is
+        // taken in `finish`; a Vec's heap memory does not move while nothing resizes it.
+        if !self.push_entry(ring, &entry) {
+            self.piece_done(
+                key,
+                Some(io::Error::other("io_uring submission queue full")),
+            );
         }
     }
 
-    fn complete(&mut self, ring: &mut IoUring, key: usize, result: i32) {
+    fn complete(&mut self, ring: &mut IoUring, key: usize, piece: usize, result: i32) {
         let Some(req) = self.slab.get_mut(key).and_then(|r| r.as_mut()) else {
             return;
         };
         if result < 0 {
             if -result == libc::EINTR || -result == libc::EAGAIN {
-                self.push(ring, key);
-                return;
+                self.push_piece(ring, key, piece);
+            } else {
+                self.piece_done(key, Some(io::Error::from_raw_os_error(-result)));
             }
-            self.finish(key, Err(io::Error::from_raw_os_error(-result)));
             return;
         }
         if req.op == OpKind::Sync {
-            self.finish(key, Ok(()));
+            self.piece_done(key, None);
             return;
         }
+        let Some(p) = req.pieces.get_mut(piece) else {
+            return;
+        };
         let n = result as usize;
         if n == 0 {
             if req.op == OpKind::Read {
                 // End of file: the rest of a sparse file reads as zeros.
-                let from = req.done_bytes;
-                req.buf[from..].fill(0);
-                self.finish(key, Ok(()));
+                let (from, to) = (p.buf_offset + p.done_bytes, p.buf_offset + p.len);
+                req.buf[from..to].fill(0);
+                self.piece_done(key, None);
             } else {
-                self.finish(
+                self.piece_done(
                     key,
-                    Err(io::Error::new(
+                    Some(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "write returned 0 bytes",
                     )),
@@ -323,17 +437,34 @@ impl<'a> RingThread<'a> {
             }
             return;
         }
-        req.done_bytes += n;
-        if req.done_bytes < req.buf.len() {
-            self.push(ring, key);
+        p.done_bytes += n;
+        if p.done_bytes < p.len {
+            self.push_piece(ring, key, piece);
         } else {
-            self.finish(key, Ok(()));
+            self.piece_done(key, None);
         }
     }
 
-    fn finish(&mut self, key: usize, result: io::Result<()>) {
+    fn piece_done(&mut self, key: usize, error: Option<io::Error>) {
+        let Some(req) = self.slab[key].as_mut() else {
+            return;
+        };
+        if let Some(error) = error {
+            req.error.get_or_insert(error);
+        }
+        req.remaining -= 1;
+        if req.remaining == 0 {
+            self.finish(key);
+        }
+    }
+
+    fn finish(&mut self, key: usize) {
         if let Some(req) = self.slab[key].take() {
             self.free_keys.push(key);
+            let result = match req.error {
+                Some(err) => Err(err),
+                None => Ok(()),
+            };
             (req.completion)(IoDone {
                 buf: req.buf,
                 result,
@@ -365,6 +496,17 @@ impl<'a> RingThread<'a> {
     }
 }
 
+/// Reorders `(kind, file, pieces, buf)` into the order `InFlight` is built from.
+trait IntoParts {
+    fn into_parts(self) -> (OpKind, FileKind, Vec<u8>, Vec<PieceState>);
+}
+
+impl IntoParts for (OpKind, FileKind, Vec<PieceState>, Vec<u8>) {
+    fn into_parts(self) -> (OpKind, FileKind, Vec<u8>, Vec<PieceState>) {
+        (self.0, self.1, self.3, self.2)
+    }
+}
+
 impl IoBackend for UringBackend {
     fn name(&self) -> &'static str {
         "io_uring"
@@ -384,7 +526,14 @@ impl IoBackend for UringBackend {
                 buf: Vec::new(),
                 result: Err(io::Error::other("I/O backend stopped")),
             }),
-            None => self.wake(),
+            None => {
+                // Pairs with the fence in `run`: either the ring thread sees this request before
+                // it sleeps, or this sees `sleeping` and wakes it.
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if self.sleeping.load(Ordering::SeqCst) {
+                    self.wake();
+                }
+            }
         }
     }
 
