@@ -66,9 +66,13 @@ mod tests {
                 done.store(true, Ordering::SeqCst);
             })
         };
-        std::thread::sleep(Duration::from_millis(20));
+        // Wait until the waiter has flipped the epoch, however loaded the machine is.
+        while grace.epoch.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // A guard entered after the flip does not hold the waiter up.
         let later = grace.enter();
+        std::thread::sleep(Duration::from_millis(20));
         assert!(!done.load(Ordering::SeqCst));
         drop(guard);
         waiter.join().unwrap();

@@ -38,16 +38,11 @@ pub fn tag_name(name: &str) -> Result<(), ApiError> {
     Ok(engine::validate_ref_name("tag", name)?)
 }
 
-/// A name for a new branch or tag. Besides the naming rule, `.` and `..` are refused: URL
+/// A name for a new branch or tag. The engine's naming rule refuses `.` and `..` parts: URL
 /// parsers treat them (even percent-encoded) as dot segments, so most clients could never
 /// address such a branch or tag, and would act on its parent resource instead.
 pub fn new_ref_name(kind: &str, name: &str) -> Result<(), ApiError> {
     engine::validate_ref_name(kind, name)?;
-    if name == "." || name == ".." {
-        return Err(ApiError::invalid_argument(format!(
-            "invalid {kind} name {name:?}: '.' and '..' cannot be addressed in URLs"
-        )));
-    }
     Ok(())
 }
 
@@ -204,7 +199,9 @@ mod tests {
         assert!(tag_name("").is_err());
         assert!(tag_name(&"t".repeat(129)).is_err());
         assert!(new_ref_name("branch", "...").is_ok());
-        assert!(new_ref_name("branch", "a/..").is_ok());
+        // Path-like names keep every part usable in a URL.
+        assert!(new_ref_name("branch", "a/..").is_err());
+        assert!(new_ref_name("branch", "a//b").is_err());
         assert!(new_ref_name("branch", "..").is_err());
         assert!(new_ref_name("tag", ".").is_err());
     }
