@@ -128,10 +128,21 @@ impl MapReader<'_> {
 
     /// Adds to `out` every block of an extent born after generation `after`.
     pub fn changed_since(&mut self, root: u64, after: u64, out: &mut RoaringTreemap) -> Result<()> {
-        if root == 0 {
+        self.changed_since_at(root, after, None, out)
+    }
+
+    fn changed_since_at(
+        &mut self,
+        page: u64,
+        after: u64,
+        level: Option<u8>,
+        out: &mut RoaringTreemap,
+    ) -> Result<()> {
+        if page == 0 {
             return Ok(());
         }
-        let node = self.store.peek(root)?;
+        let node = self.store.peek(page)?;
+        check_level(&node, level, page)?;
         match &node.body {
             Body::Leaf(extents) => {
                 for e in extents.iter().filter(|e| e.birth > after) {
@@ -140,7 +151,47 @@ impl MapReader<'_> {
             }
             Body::Internal(children) => {
                 for c in children.iter().filter(|c| c.max_birth > after) {
-                    self.changed_since(c.page, after, out)?;
+                    self.changed_since_at(c.page, after, Some(node.level - 1), out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects the nodes and extents of a tree born at or after `since`: what a head owns.
+    pub fn owned_since(
+        &mut self,
+        root: u64,
+        since: u64,
+        pages: &mut Vec<u64>,
+        extents: &mut Vec<Extent>,
+    ) -> Result<()> {
+        self.owned_since_at(root, since, None, pages, extents)
+    }
+
+    fn owned_since_at(
+        &mut self,
+        page: u64,
+        since: u64,
+        level: Option<u8>,
+        pages: &mut Vec<u64>,
+        extents: &mut Vec<Extent>,
+    ) -> Result<()> {
+        if page == 0 {
+            return Ok(());
+        }
+        let node = self.store.peek(page)?;
+        check_level(&node, level, page)?;
+        if node.birth >= since {
+            pages.push(page);
+        }
+        match &node.body {
+            Body::Leaf(list) => extents.extend(list.iter().filter(|e| e.birth >= since)),
+            Body::Internal(children) => {
+                // An owned node may point at shared children, which hold nothing owned unless
+                // their own births say so.
+                for c in children.iter().filter(|c| c.max_birth >= since) {
+                    self.owned_since_at(c.page, since, Some(node.level - 1), pages, extents)?;
                 }
             }
         }
@@ -149,13 +200,31 @@ impl MapReader<'_> {
 
     /// Visits every node page and extent of a tree; `enter(page)` returns false to skip a
     /// subtree already seen through another root.
+    ///
+    /// Every node and extent must be born before `birth_limit` (the first generation no
+    /// durable state can contain); a later birth is corruption that would make committed data
+    /// look owned and writable.
     pub fn walk(
         &mut self,
         root: u64,
+        birth_limit: u64,
         enter: &mut dyn FnMut(u64) -> bool,
         extent: &mut dyn FnMut(&Extent),
     ) -> Result<()> {
-        self.walk_at(root, None, 0, enter, extent)
+        let mut checked = |e: &Extent| -> Result<()> {
+            if e.birth >= birth_limit {
+                return Err(Error::corrupt(
+                    format!(
+                        "extent born in generation {} after the last sync point",
+                        e.birth
+                    ),
+                    format!("logical block {}", e.lblock),
+                ));
+            }
+            extent(e);
+            Ok(())
+        };
+        self.walk_at(root, None, 0, birth_limit, enter, &mut checked)
     }
 
     fn walk_at(
@@ -163,8 +232,9 @@ impl MapReader<'_> {
         page: u64,
         level: Option<u8>,
         depth: u8,
+        birth_limit: u64,
         enter: &mut dyn FnMut(u64) -> bool,
-        extent: &mut dyn FnMut(&Extent),
+        extent: &mut dyn FnMut(&Extent) -> Result<()>,
     ) -> Result<()> {
         if page == 0 || !enter(page) {
             return Ok(());
@@ -177,11 +247,27 @@ impl MapReader<'_> {
         }
         let node = self.store.peek(page)?;
         check_level(&node, level, page)?;
+        if node.birth >= birth_limit {
+            return Err(Error::corrupt(
+                format!(
+                    "extent-map node born in generation {} after the last sync point",
+                    node.birth
+                ),
+                format!("meta page {page}"),
+            ));
+        }
         match &node.body {
-            Body::Leaf(extents) => extents.iter().for_each(&mut *extent),
+            Body::Leaf(extents) => extents.iter().try_for_each(&mut *extent)?,
             Body::Internal(children) => {
                 for c in children {
-                    self.walk_at(c.page, Some(node.level - 1), depth + 1, enter, extent)?;
+                    self.walk_at(
+                        c.page,
+                        Some(node.level - 1),
+                        depth + 1,
+                        birth_limit,
+                        enter,
+                        extent,
+                    )?;
                 }
             }
         }
@@ -489,6 +575,7 @@ mod tests {
             cache_pages,
             SpaceAllocator::new(1),
             1,
+            Default::default(),
         )
     }
 

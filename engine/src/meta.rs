@@ -5,8 +5,9 @@
 //! referenced by nothing durable or committed: it is changed in place. Any older node is copied
 //! on write. Dirty nodes are written when evicted or at the next sync.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
@@ -82,11 +83,14 @@ pub struct Node {
 pub const TREE_HEIGHT_MAX: u8 = 16;
 
 impl Node {
+    /// The newest birth of this node, its entries and (through the children's bounds) its
+    /// whole subtree.
     pub fn max_birth(&self) -> u64 {
-        match &self.body {
-            Body::Leaf(extents) => extents.iter().map(|e| e.birth).max().unwrap_or(0),
-            Body::Internal(children) => children.iter().map(|c| c.max_birth).max().unwrap_or(0),
-        }
+        let entries = match &self.body {
+            Body::Leaf(extents) => extents.iter().map(|e| e.birth).max(),
+            Body::Internal(children) => children.iter().map(|c| c.max_birth).max(),
+        };
+        entries.unwrap_or(0).max(self.birth)
     }
 
     pub fn encode(&self, page_no: u64) -> Vec<u8> {
@@ -161,8 +165,26 @@ impl Node {
                     } else {
                         Target::Data(e.pblock.get())
                     };
-                    if e.len.get() == 0 || !ordered(e.lblock.get()) || flags & !EXTENT_ZERO != 0 {
-                        return Err(Error::corrupt("extent-map leaf (bad entry or order)", at()));
+                    let (lblock, len) = (e.lblock.get(), e.len.get() as u64);
+                    let ends = lblock.checked_add(len).is_some()
+                        && match target {
+                            Target::Data(p) => p > 0 && p.checked_add(len).is_some(),
+                            Target::Zero => true,
+                        };
+                    // Extents are sorted and never overlap: each ends where the next may start.
+                    let overlaps = extents
+                        .last()
+                        .is_some_and(|prev: &Extent| prev.end() > lblock);
+                    if len == 0
+                        || !ordered(lblock)
+                        || flags & !EXTENT_ZERO != 0
+                        || !ends
+                        || overlaps
+                    {
+                        return Err(Error::corrupt(
+                            "extent-map leaf (bad entry, order or overlap)",
+                            at(),
+                        ));
                     }
                     extents.push(Extent {
                         lblock: e.lblock.get(),
@@ -230,6 +252,11 @@ pub struct MetaStore {
     cache: LruCache<u64, Cached>,
     /// Pages changed since the last sync and not yet written.
     dirty: BTreeSet<u64>,
+    /// Dirty nodes whose write at eviction failed: kept in memory (beyond the cache bound)
+    /// rather than lost, while the pool fails and refuses further changes.
+    pinned: HashMap<u64, Arc<Node>>,
+    /// The pool's failure flag: set when a node cannot be written.
+    failed: Arc<AtomicBool>,
     pub pages: SpaceAllocator,
     pub pending_pages: Vec<PendingFree>,
     /// The current generation: nodes born in it are mutable.
@@ -244,12 +271,15 @@ impl MetaStore {
         cache_pages: usize,
         pages: SpaceAllocator,
         gen: u64,
+        failed: Arc<AtomicBool>,
     ) -> Self {
         let cap = NonZeroUsize::new(cache_pages.max(64)).unwrap_or(NonZeroUsize::MIN);
         MetaStore {
             backend,
             cache: LruCache::new(cap),
             dirty: BTreeSet::new(),
+            pinned: HashMap::new(),
+            failed,
             pages,
             pending_pages: Vec::new(),
             gen,
@@ -262,6 +292,9 @@ impl MetaStore {
     pub fn peek(&mut self, page: u64) -> Result<Arc<Node>> {
         if let Some(cached) = self.cache.peek(&page) {
             return Ok(cached.node.clone());
+        }
+        if let Some(node) = self.pinned.get(&page) {
+            return Ok(node.clone());
         }
         Ok(Arc::new(self.read(page)?))
     }
@@ -286,6 +319,9 @@ impl MetaStore {
         if let Some(cached) = self.cache.get(&page) {
             self.cache_hits += 1;
             return Ok(cached.node.clone());
+        }
+        if let Some(node) = self.pinned.get(&page) {
+            return Ok(node.clone());
         }
         self.cache_misses += 1;
         let node = Arc::new(self.read(page)?);
@@ -313,23 +349,26 @@ impl MetaStore {
     }
 
     fn insert(&mut self, page: u64, cached: Cached) -> Result<()> {
+        self.pinned.remove(&page);
         if let Some((evicted, old)) = self.cache.push(page, cached) {
             if evicted != page && old.dirty {
-                self.write_node(evicted, &old.node)?;
+                let bytes = old.node.encode(evicted);
+                let offset = evicted * PAGE_SIZE as u64;
+                if let Err(err) = io::write_blocking(&*self.backend, FileKind::Meta, offset, bytes)
+                {
+                    // The node stays in memory, so nothing reads stale data; the pool fails,
+                    // so nothing more is changed or made durable. The caller's own operation
+                    // goes on.
+                    if !self.failed.swap(true, Ordering::AcqRel) {
+                        tracing::error!(error = %err, page = evicted,
+                            "writing a metadata page failed: the pool refuses further writes until it is reopened");
+                    }
+                    self.pinned.insert(evicted, old.node);
+                }
+                self.dirty.remove(&evicted);
             }
         }
         Ok(())
-    }
-
-    fn write_node(&mut self, page: u64, node: &Node) -> Result<()> {
-        self.dirty.remove(&page);
-        io::write_blocking(
-            &*self.backend,
-            FileKind::Meta,
-            page * PAGE_SIZE as u64,
-            node.encode(page),
-        )
-        .map_err(Error::from_io)
     }
 
     /// A fresh page for a node of the current generation.
@@ -343,6 +382,7 @@ impl MetaStore {
     pub fn release(&mut self, page: u64, birth: u64, exclusive_since: u64) {
         if birth == self.gen {
             self.cache.pop(&page);
+            self.pinned.remove(&page);
             self.dirty.remove(&page);
             self.pages.free(page, 1);
         } else if birth >= exclusive_since {
@@ -354,39 +394,52 @@ impl MetaStore {
         }
     }
 
-    /// Writes every dirty node (part of a sync), all submitted at once.
+    /// Writes every dirty node (part of a sync), all submitted at once. A node is marked clean
+    /// only once its write succeeded.
     pub fn write_dirty(&mut self) -> Result<usize> {
-        let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut submitted = 0;
-        for &page in &dirty {
-            if let Some(cached) = self.cache.peek_mut(&page) {
-                cached.dirty = false;
-                let tx = tx.clone();
-                let op = io::IoOp::Write {
-                    file: FileKind::Meta,
-                    offset: page * PAGE_SIZE as u64,
-                    buf: cached.node.encode(page),
-                };
-                self.backend.submit(
-                    op,
-                    Box::new(move |done| {
-                        let _ = tx.send(done.result);
-                    }),
-                );
-                submitted += 1;
-            }
+        for &page in &self.dirty {
+            let node = match self.cache.peek(&page) {
+                Some(cached) => cached.node.clone(),
+                None => match self.pinned.get(&page) {
+                    Some(node) => node.clone(),
+                    None => continue,
+                },
+            };
+            let tx = tx.clone();
+            let op = io::IoOp::Write {
+                file: FileKind::Meta,
+                offset: page * PAGE_SIZE as u64,
+                buf: node.encode(page),
+            };
+            self.backend.submit(
+                op,
+                Box::new(move |done| {
+                    let _ = tx.send((page, done.result));
+                }),
+            );
+            submitted += 1;
         }
         drop(tx);
         let mut first_error = None;
-        for result in rx.iter().take(submitted) {
-            if let Err(err) = result {
-                first_error.get_or_insert(err);
+        for (page, result) in rx.iter().take(submitted) {
+            match result {
+                Ok(()) => {
+                    self.dirty.remove(&page);
+                    self.pinned.remove(&page);
+                    if let Some(cached) = self.cache.peek_mut(&page) {
+                        cached.dirty = false;
+                    }
+                }
+                Err(err) => {
+                    first_error.get_or_insert(err);
+                }
             }
         }
         match first_error {
             Some(err) => Err(Error::from_io(err)),
-            None => Ok(dirty.len()),
+            None => Ok(submitted),
         }
     }
 
@@ -400,13 +453,15 @@ impl MetaStore {
         let start = self.pages.alloc_contiguous(pages);
         let mut buf = bytes.to_vec();
         buf.resize((pages as usize) * PAGE_SIZE, 0);
-        io::write_blocking(
+        if let Err(err) = io::write_blocking(
             &*self.backend,
             FileKind::Meta,
             start * PAGE_SIZE as u64,
             buf,
-        )
-        .map_err(Error::from_io)?;
+        ) {
+            self.pages.free(start, pages);
+            return Err(Error::from_io(err));
+        }
         Ok(start)
     }
 

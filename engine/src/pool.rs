@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use roaring::RoaringTreemap;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, OwnedRwLockWriteGuard};
 
 use crate::allocator::SpaceAllocator;
 use crate::catalog::*;
@@ -108,10 +108,13 @@ pub(crate) struct PoolInner {
     /// Serialises sync points; taken before `state`, only on blocking threads.
     sync_lock: Mutex<()>,
     pub(crate) grace: Grace,
-    poisoned: AtomicBool,
+    /// Set after an I/O failure; shared with the metadata store, which can fail on eviction.
+    poisoned: Arc<AtomicBool>,
     next_session: AtomicU64,
     pub(crate) sessions: Mutex<HashMap<u64, (SessionInfo, Arc<AtomicCounters>)>>,
     data_dir: Option<PathBuf>,
+    /// The exclusive lock on the pool directory, held while the pool is open.
+    dir_lock: Mutex<Option<std::fs::File>>,
 }
 
 /// A handle on an open pool; clones share it.
@@ -124,6 +127,18 @@ impl Pool {
     /// Opens the pool in `options.data_dir`, creating it if the directory holds none.
     pub fn open(options: PoolOptions) -> Result<Pool> {
         std::fs::create_dir_all(&options.data_dir)?;
+        // One process per pool: a second one would corrupt it.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(options.data_dir.join("grove.lock"))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Conflict(format!(
+                "the pool in {} is already open in another process",
+                options.data_dir.display()
+            )));
+        }
         let choice = match options.io {
             IoChoice::Auto => BackendChoice::Auto,
             IoChoice::IoUring => BackendChoice::IoUring,
@@ -131,7 +146,9 @@ impl Pool {
         };
         let backend = io::open_backend(&options.data_dir, choice)?;
         tracing::info!(backend = backend.name(), dir = %options.data_dir.display(), "disk I/O backend selected");
-        Self::open_with_backend(backend, options.cache_bytes, Some(options.data_dir))
+        let pool = Self::open_with_backend(backend, options.cache_bytes, Some(options.data_dir))?;
+        *pool.inner.dir_lock.lock() = Some(lock);
+        Ok(pool)
     }
 
     /// Opens a pool on any backend (the simulation in crash tests).
@@ -140,17 +157,23 @@ impl Pool {
         cache_bytes: u64,
         data_dir: Option<PathBuf>,
     ) -> Result<Pool> {
-        let state = recover(&backend, (cache_bytes / PAGE_SIZE as u64) as usize)?;
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let state = recover(
+            &backend,
+            (cache_bytes / PAGE_SIZE as u64) as usize,
+            &poisoned,
+        )?;
         let inner = PoolInner {
             events: EventBus::default(),
             backend,
             state: Mutex::new(state),
             sync_lock: Mutex::new(()),
             grace: Grace::default(),
-            poisoned: AtomicBool::new(false),
+            poisoned,
             next_session: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
             data_dir,
+            dir_lock: Mutex::new(None),
         };
         Ok(Pool {
             inner: Arc::new(inner),
@@ -295,26 +318,17 @@ impl Pool {
             )));
         }
         // Forking a head makes its blocks shared: no in-place write may be in flight meanwhile.
-        let gate = match &source {
+        let (gated, gate) = match &source {
             ResolvedRef::Branch { volume, branch } => {
-                let st = self.inner.state.lock();
-                Some(
-                    st.catalog
-                        .head(st.catalog.head_id(volume, branch)?)?
-                        .gate
-                        .clone(),
-                )
+                let (id, guard) = self.gate_head(volume, branch).await?;
+                (Some(id), Some(guard))
             }
-            _ => None,
-        };
-        let _exclusive = match &gate {
-            Some(gate) => Some(gate.write().await),
-            None => None,
+            _ => (None, None),
         };
         let (volume, branch) = (volume.to_string(), branch.to_string());
         let (v, b) = (volume.clone(), branch.clone());
         self.inner
-            .change(move |st| {
+            .change_gated(gate, move |st| {
                 let vol = st.catalog.volume(&volume)?;
                 if vol.branches.contains_key(&branch) {
                     return Err(Error::exists(format!(
@@ -330,6 +344,7 @@ impl Pool {
                 let (root, base, base_gen, changed) = match &source {
                     ResolvedRef::Branch { branch: src, .. } => {
                         let id = st.catalog.head_id(&volume, src)?;
+                        check_gated(gated, id, src)?;
                         let src_head = st.catalog.head_mut(id)?;
                         // From the next generation on, neither head owns the shared state.
                         src_head.record.exclusive_since = gen + 1;
@@ -429,20 +444,14 @@ impl Pool {
         if request.message.trim().is_empty() {
             return Err(Error::invalid("a commit needs a non-empty message"));
         }
-        let gate = {
-            let st = self.inner.state.lock();
-            st.catalog
-                .head(st.catalog.head_id(volume, branch)?)?
-                .gate
-                .clone()
-        };
         // Waits for in-flight writes on the head; new ones wait for the commit.
-        let _exclusive = gate.write().await;
+        let (gated, gate) = self.gate_head(volume, branch).await?;
         let (volume, branch) = (volume.to_string(), branch.to_string());
         let (id, v) = (CommitId::random(), volume.clone());
         self.inner
-            .change(move |st| {
+            .change_gated(Some(gate), move |st| {
                 let head_id = st.catalog.head_id(&volume, &branch)?;
+                check_gated(Some(gated), head_id, &branch)?;
                 let size_bytes = st.catalog.volume(&volume)?.size_bytes;
                 let gen = st.meta.gen;
                 let head = st.catalog.head(head_id)?;
@@ -494,6 +503,21 @@ impl Pool {
             })
             .await?;
         self.commit_info(&v, &id.to_hex())
+    }
+
+    /// Holds a head's gate exclusively: waits for the writes in flight on it, and holds new
+    /// ones back until the guard is dropped.
+    async fn gate_head(
+        &self,
+        volume: &str,
+        branch: &str,
+    ) -> Result<(u64, OwnedRwLockWriteGuard<()>)> {
+        let (id, gate) = {
+            let st = self.inner.state.lock();
+            let id = st.catalog.head_id(volume, branch)?;
+            (id, st.catalog.head(id)?.gate.clone())
+        };
+        Ok((id, gate.write_owned().await))
     }
 
     /// Looks up a commit by full id or unique prefix.
@@ -780,6 +804,13 @@ impl PoolInner {
         Ok(())
     }
 
+    /// A failed metadata operation may have left a change half-applied in memory (nodes copied,
+    /// old pages queued for freeing, the head not yet updated): the pool fails and stops.
+    pub(crate) fn fail_meta(&self, err: Error) -> Error {
+        self.poison(&err);
+        err
+    }
+
     /// Marks the pool failed after an I/O error that may have lost durability.
     pub(crate) fn poison(&self, err: &Error) {
         if !self.poisoned.swap(true, Ordering::AcqRel) {
@@ -801,42 +832,74 @@ impl PoolInner {
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
     {
-        let inner = self.clone();
-        let events = run_blocking(move || inner.sync(f)).await?;
-        for event in events {
-            self.events.publish(event);
-        }
-        Ok(())
+        self.change_gated(None, f).await
     }
 
-    /// One sync point (FORMAT.md, "sync points"): data made durable, then the catalog change
-    /// `f` applied, dirty nodes written, the generation advanced, and a journal record written
-    /// and made durable. Runs on a blocking thread.
+    /// Like `change`, holding a head's gate exclusively until the change is durable. The work,
+    /// the gate and the events go to a blocking thread together: if the caller is cancelled
+    /// (an HTTP client gone), the change still completes, publishes its events, and only then
+    /// lets writes through.
+    pub(crate) async fn change_gated<F>(
+        self: &Arc<Self>,
+        gate: Option<OwnedRwLockWriteGuard<()>>,
+        f: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
+    {
+        let inner = self.clone();
+        run_blocking(move || {
+            let result = inner.sync(f);
+            drop(gate);
+            let events = result?;
+            for event in events {
+                inner.events.publish(event);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// One sync point (FORMAT.md, "sync points"): the catalog change `f` applied, dirty nodes
+    /// written and the generation advanced, all under the state lock; then data, metadata and
+    /// a journal record made durable, in that order. Runs on a blocking thread.
     fn sync<F>(&self, f: F) -> Result<Vec<Event>>
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
     {
         self.check_writable()?;
         let _sync = self.sync_lock.lock();
-        // Every data write acknowledged before now becomes durable.
-        io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
-        let (record, gen, journal_at, events) = {
+        let snapshot = {
             let mut st = self.state.lock();
             let (ops, events) = f(&mut st)?;
             if ops.is_empty() && st.dirty_heads.is_empty() && st.meta.dirty_pages() == 0 {
-                drop(st);
-                return Ok(events);
+                None.ok_or(events)
+            } else {
+                st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
+                let gen = st.meta.gen;
+                st.meta.gen += 1;
+                let heads = st.head_records();
+                let record = Record::Sync { gen, ops, heads };
+                let payload =
+                    serde_json::to_vec(&record).map_err(|e| self.fail_err(Error::Io(e.into())))?;
+                if payload.len() > RECORD_MAX_BYTES as usize {
+                    let err = Error::invalid("a journal record exceeds its size bound");
+                    return Err(self.fail_err(err));
+                }
+                let framed = encode_record(&payload);
+                let at = st.journal_end;
+                st.journal_end += framed.len() as u64;
+                Ok((framed, gen, at, events))
             }
-            st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
-            let gen = st.meta.gen;
-            st.meta.gen += 1;
-            let heads = st.head_records();
-            let record = Record::Sync { gen, ops, heads };
-            let payload = serde_json::to_vec(&record).map_err(|e| Error::Io(e.into()))?;
-            let framed = encode_record(&payload);
-            let at = st.journal_end;
-            st.journal_end += framed.len() as u64;
-            (framed, gen, at, events)
+        };
+        // Every mapping in the snapshot was installed after its data write completed, and every
+        // write acknowledged before this sync completed its data write: one data sync now covers
+        // both. It must come after the snapshot, or a block mapped in between would be recorded
+        // without its data.
+        io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
+        let (record, gen, journal_at, events) = match snapshot {
+            Ok(snapshot) => snapshot,
+            Err(events) => return Ok(events),
         };
         let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
             .and_then(|()| {
@@ -864,6 +927,17 @@ impl PoolInner {
     fn fail_err(&self, err: Error) -> Error {
         self.poison(&err);
         err
+    }
+}
+
+/// Refuses a change when the branch was deleted and created anew while its gate was awaited:
+/// the gate held would then be the old head's.
+fn check_gated(gated: Option<u64>, head_id: u64, branch: &str) -> Result<()> {
+    match gated {
+        Some(id) if id != head_id => Err(Error::Conflict(format!(
+            "branch {branch:?} was replaced while the operation waited; try again"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -907,7 +981,10 @@ fn free_head_space(st: &mut State, head_id: u64) -> Result<()> {
     );
     let mut pages = Vec::new();
     let mut extents = Vec::new();
-    collect_owned(&mut st.meta, root, since, &mut pages, &mut extents)?;
+    MapReader {
+        store: &mut st.meta,
+    }
+    .owned_since(root, since, &mut pages, &mut extents)?;
     let gen = st.meta.gen;
     st.meta
         .pending_pages
@@ -917,35 +994,6 @@ fn free_head_space(st: &mut State, head_id: u64) -> Result<()> {
             len: 1,
         }));
     st.release_extents(&volume, &extents, since);
-    Ok(())
-}
-
-/// Nodes and extents of a tree born at or after `since`.
-fn collect_owned(
-    store: &mut MetaStore,
-    page: u64,
-    since: u64,
-    pages: &mut Vec<u64>,
-    extents: &mut Vec<crate::meta::Extent>,
-) -> Result<()> {
-    if page == 0 {
-        return Ok(());
-    }
-    let node = store.peek(page)?;
-    if node.birth >= since {
-        pages.push(page);
-    }
-    match &node.body {
-        crate::meta::Body::Leaf(list) => extents.extend(list.iter().filter(|e| e.birth >= since)),
-        crate::meta::Body::Internal(children) => {
-            for c in children
-                .iter()
-                .filter(|c| c.max_birth >= since || node.birth >= since)
-            {
-                collect_owned(store, c.page, since, pages, extents)?;
-            }
-        }
-    }
     Ok(())
 }
 
@@ -966,7 +1014,7 @@ fn free_volume_space(st: &mut State, name: &str) -> Result<()> {
         let mut reader = MapReader {
             store: &mut st.meta,
         };
-        reader.walk(root, &mut |p| pages.insert(p), &mut |e| {
+        reader.walk(root, u64::MAX, &mut |p| pages.insert(p), &mut |e| {
             if let Target::Data(p) = e.target {
                 blocks.insert_range(p..p + e.len);
             }
@@ -1005,10 +1053,24 @@ pub(crate) fn runs(bitmap: &RoaringTreemap) -> impl Iterator<Item = (u64, u64)> 
 
 /// Opens or creates the pool on `backend`: checks the file headers, replays the journal
 /// (cutting a torn tail), and rebuilds the allocators from what the catalog references.
-fn recover(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
+fn recover(
+    backend: &Arc<dyn IoBackend>,
+    cache_pages: usize,
+    failed: &Arc<AtomicBool>,
+) -> Result<State> {
     let journal_len = backend.file_len(FileKind::Journal)?;
     if journal_len < PAGE_SIZE as u64 {
-        return create(backend, cache_pages);
+        // A pool exists once its journal header is durable; before that only the two other
+        // headers can have been written. Anything more means the journal was lost.
+        for kind in [FileKind::Data, FileKind::Meta] {
+            if backend.file_len(kind)? > PAGE_SIZE as u64 {
+                return Err(Error::corrupt(
+                    format!("journal.grove is missing or empty while {} holds data; refusing to create a new pool over it", kind.file_name()),
+                    "journal.grove",
+                ));
+            }
+        }
+        return create(backend, cache_pages, failed);
     }
     let header = io::read_blocking(&**backend, FileKind::Journal, 0, PAGE_SIZE)?;
     let pool_id = FileHeader::decode(&header, JOURNAL_MAGIC, "journal.grove")?.pool_id;
@@ -1029,6 +1091,15 @@ fn recover(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
         (journal_len - PAGE_SIZE as u64) as usize,
     )?;
     let (payloads, valid) = decode_records(&body);
+    if let Some(at) = intact_record_after(&body, valid) {
+        return Err(Error::corrupt(
+            format!(
+                "journal record damaged, with intact records after it (from offset {})",
+                PAGE_SIZE + at
+            ),
+            format!("journal.grove offset {}", PAGE_SIZE + valid),
+        ));
+    }
     let journal_end = PAGE_SIZE as u64 + valid as u64;
     if journal_end < journal_len {
         tracing::warn!(
@@ -1060,7 +1131,13 @@ fn recover(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
         }
     }
     // Rebuild the allocators from every reachable node, bitmap and data block.
-    let mut meta = MetaStore::new(backend.clone(), cache_pages, SpaceAllocator::new(1), gen);
+    let mut meta = MetaStore::new(
+        backend.clone(),
+        cache_pages,
+        SpaceAllocator::new(1),
+        gen,
+        failed.clone(),
+    );
     let meta_len_pages = backend.file_len(FileKind::Meta)?.div_ceil(PAGE_SIZE as u64);
     meta.pages = SpaceAllocator::from_used(1, &RoaringTreemap::from_iter([meta_len_pages.max(1)]));
     let mut used_pages = RoaringTreemap::new();
@@ -1077,7 +1154,7 @@ fn recover(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
         let mut blocks = RoaringTreemap::new();
         for root in roots {
             let mut reader = MapReader { store: &mut meta };
-            reader.walk(root, &mut |p| used_pages.insert(p), &mut |e| {
+            reader.walk(root, gen, &mut |p| used_pages.insert(p), &mut |e| {
                 if let Target::Data(p) = e.target {
                     blocks.insert_range(p..p + e.len);
                 }
@@ -1125,7 +1202,11 @@ fn recover(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
     })
 }
 
-fn create(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
+fn create(
+    backend: &Arc<dyn IoBackend>,
+    cache_pages: usize,
+    failed: &Arc<AtomicBool>,
+) -> Result<State> {
     let pool_id: [u8; 16] = rand::random();
     io::write_blocking(
         &**backend,
@@ -1151,7 +1232,13 @@ fn create(backend: &Arc<dyn IoBackend>, cache_pages: usize) -> Result<State> {
     io::sync_blocking(&**backend, FileKind::Journal)?;
     tracing::info!(pool_id = %hex::encode(pool_id), "created a new pool");
     Ok(State {
-        meta: MetaStore::new(backend.clone(), cache_pages, SpaceAllocator::new(1), 1),
+        meta: MetaStore::new(
+            backend.clone(),
+            cache_pages,
+            SpaceAllocator::new(1),
+            1,
+            failed.clone(),
+        ),
         data: SpaceAllocator::new(1),
         pending_data: Vec::new(),
         catalog: Catalog::default(),

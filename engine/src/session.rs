@@ -124,6 +124,10 @@ pub enum ZeroMode {
     Allocate,
 }
 
+/// Writes of at least this many blocks over a range whose blocks are scattered (several runs,
+/// owned or not) are redirected as a whole to a new extent rather than split into pieces.
+const REDIRECT_SCATTERED_MIN_BLOCKS: u64 = 16;
+
 /// Largest single write the engine buffers for zeroing with `ZeroMode::Allocate`.
 const ZERO_CHUNK_BYTES: u64 = 8 << 20;
 
@@ -155,6 +159,8 @@ struct Segment {
     len: u64,
     /// First physical block, or `None` for zeros.
     pblock: Option<u64>,
+    /// Generation the extent was written in; 0 for a range never written.
+    birth: u64,
 }
 
 /// Splits `[first, end)` into data and zero segments from looked-up extents.
@@ -167,6 +173,7 @@ fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segmen
                 lblock: cursor,
                 len: e.lblock - cursor,
                 pblock: None,
+                birth: 0,
             });
         }
         let pblock = match e.target {
@@ -177,6 +184,7 @@ fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segmen
             lblock: e.lblock,
             len: e.len,
             pblock,
+            birth: e.birth,
         });
         cursor = e.end();
     }
@@ -185,6 +193,7 @@ fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segmen
             lblock: cursor,
             len: end - cursor,
             pblock: None,
+            birth: 0,
         });
     }
     out
@@ -286,7 +295,8 @@ impl Session {
             let extents = MapReader {
                 store: &mut st.meta,
             }
-            .lookup(root, first, end)?;
+            .lookup(root, first, end)
+            .map_err(|e| self.pool.fail_meta(e))?;
             (extents, self.pool.grace.enter())
         };
         // Lay the request out: byte ranges of data (with their file offsets) and of zeros.
@@ -411,19 +421,30 @@ impl Session {
             let extents = MapReader {
                 store: &mut st.meta,
             }
-            .lookup(root, first, first + n)?;
+            .lookup(root, first, first + n)
+            .map_err(|e| self.pool.fail_meta(e))?;
+            // Blocks the head owns are overwritten in place; the rest go to new blocks.
             let mut fresh: Vec<(u64, u64)> = Vec::new();
             for seg in segments(&extents, first, first + n) {
-                let owned = extents
-                    .iter()
-                    .any(|e| e.lblock == seg.lblock && e.birth >= exclusive_since);
                 match seg.pblock {
-                    Some(p) if owned => runs.push((seg.lblock, seg.len, p, false)),
+                    Some(p) if seg.birth >= exclusive_since => match runs.last_mut() {
+                        Some((l, len, q, _)) if *l + *len == seg.lblock && *q + *len == p => {
+                            *len += seg.len
+                        }
+                        _ => runs.push((seg.lblock, seg.len, p, false)),
+                    },
                     _ => match fresh.last_mut() {
                         Some((l, len)) if *l + *len == seg.lblock => *len += seg.len,
                         _ => fresh.push((seg.lblock, seg.len)),
                     },
                 }
+            }
+            if n >= REDIRECT_SCATTERED_MIN_BLOCKS && runs.len() + fresh.len() > 1 {
+                // A large write over scattered blocks goes to one new extent instead: one I/O
+                // rather than many small ones, and the range reads back contiguously. The
+                // owned blocks it replaces are freed at the next sync point.
+                runs.clear();
+                fresh = vec![(first, n)];
             }
             for (mut l, mut len) in fresh {
                 while len > 0 {
@@ -471,8 +492,9 @@ impl Session {
                     store: &mut st.meta,
                     exclusive_since,
                 };
-                let (new_root, removed) =
-                    writer.replace(root, l, l + len, Some(Target::Data(p)))?;
+                let (new_root, removed) = writer
+                    .replace(root, l, l + len, Some(Target::Data(p)))
+                    .map_err(|e| self.pool.fail_meta(e))?;
                 root = new_root;
                 st.release_extents(&volume, &removed, exclusive_since);
                 mapped += len;
@@ -590,7 +612,9 @@ impl Session {
             store: &mut st.meta,
             exclusive_since,
         };
-        let (root, removed) = writer.replace(root, first, end, target)?;
+        let (root, removed) = writer
+            .replace(root, first, end, target)
+            .map_err(|e| self.pool.fail_meta(e))?;
         st.release_extents(&volume, &removed, exclusive_since);
         let head = st.catalog.head_mut(id)?;
         head.record.root = root;
@@ -629,7 +653,8 @@ impl Session {
             MapReader {
                 store: &mut st.meta,
             }
-            .lookup(root, first, end)?
+            .lookup(root, first, end)
+            .map_err(|e| self.pool.fail_meta(e))?
         };
         let mut out: Vec<BlockStatus> = Vec::new();
         for seg in segments(&extents, first, end) {

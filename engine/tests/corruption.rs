@@ -90,3 +90,35 @@ async fn a_torn_journal_tail_is_cut() {
     drop(pool);
     assert_eq!(disk.file_image(FileKind::Journal).len(), journal.len());
 }
+
+#[tokio::test]
+async fn a_damaged_record_before_intact_ones_is_refused() {
+    let disk = SimDisk::new();
+    pool_with_data(&disk).await;
+    // The first record's payload starts after the header page and its 16-byte frame.
+    disk.corrupt(FileKind::Journal, 4096 + 20, b"\xff");
+    let before = disk.file_image(FileKind::Journal).len();
+    match reopen(&disk) {
+        Err(Error::Corrupt { what, .. }) => {
+            assert!(what.contains("intact records after it"), "{what}")
+        }
+        Err(other) => panic!("expected a corruption error, got {other}"),
+        Ok(_) => panic!("a damaged journal record went unnoticed"),
+    }
+    // Nothing was cut.
+    assert_eq!(disk.file_image(FileKind::Journal).len(), before);
+}
+
+#[tokio::test]
+async fn a_lost_journal_is_not_replaced_by_a_new_pool() {
+    let disk = SimDisk::new();
+    pool_with_data(&disk).await;
+    disk.backend().set_len(FileKind::Journal, 0).unwrap();
+    match reopen(&disk) {
+        Err(Error::Corrupt { what, .. }) => {
+            assert!(what.contains("journal.grove is missing"), "{what}")
+        }
+        Err(other) => panic!("expected a corruption error, got {other}"),
+        Ok(_) => panic!("a new pool was created over existing data"),
+    }
+}

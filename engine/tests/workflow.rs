@@ -215,3 +215,15 @@ async fn validation_and_conflicts() {
     pool.delete_volume("v").await.unwrap();
     assert!(pool.volumes().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_opens_in_one_process_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::open(PoolOptions::new(dir.path())).unwrap();
+    assert!(matches!(
+        Pool::open(PoolOptions::new(dir.path())),
+        Err(Error::Conflict(_))
+    ));
+    drop(pool);
+    Pool::open(PoolOptions::new(dir.path())).unwrap();
+}

@@ -117,8 +117,8 @@ const _: () = assert!(std::mem::size_of::<LeafEntry>() == 32);
 pub struct InternalEntry {
     pub key: U64,
     pub child: U64,
-    /// The newest birth of any entry in the subtree (an upper bound): lets "what changed since
-    /// generation G" skip whole subtrees.
+    /// The newest birth of any node or entry in the subtree (an upper bound): lets "what changed
+    /// since generation G" and "what does this head own" skip whole subtrees.
     pub max_birth: U64,
 }
 const _: () = assert!(std::mem::size_of::<InternalEntry>() == 24);
@@ -205,6 +205,15 @@ pub fn decode_records(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     (records, at)
 }
 
+/// The offset of the first intact record frame after `from`, if any. Only the last record can
+/// be torn by a crash (each is made durable before the next is written), so an intact record
+/// after a damaged one means the damage is corruption, not an interrupted append.
+pub fn intact_record_after(bytes: &[u8], from: usize) -> Option<usize> {
+    let magic = RECORD_MAGIC.to_le_bytes();
+    (from + 1..bytes.len().saturating_sub(16))
+        .find(|&at| bytes[at..at + 4] == magic && !decode_records(&bytes[at..]).0.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +248,10 @@ mod tests {
         let mut flipped = encode_record(b"one");
         flipped[17] ^= 0x40;
         assert_eq!(decode_records(&flipped).0.len(), 0);
+        // Damage followed by an intact record is found; a torn tail is not.
+        assert_eq!(intact_record_after(&flipped, 0), None);
+        let second_at = flipped.len();
+        flipped.extend(encode_record(b"two"));
+        assert_eq!(intact_record_after(&flipped, 0), Some(second_at));
     }
 }
