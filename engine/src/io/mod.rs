@@ -337,4 +337,51 @@ mod tests {
             assert!(done.result.is_err(), "{}", backend.name());
         }
     }
+
+    #[test]
+    fn requests_with_more_pieces_than_the_completion_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["threads", "uring"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        for backend in backends(dir.path()) {
+            // 4096 pieces of 512 bytes each, scattered in reverse order; several requests at once.
+            let pieces = |n: usize| -> Vec<Piece> {
+                (0..n)
+                    .map(|i| Piece {
+                        file_offset: ((n - 1 - i) * 1024) as u64,
+                        buf_offset: i * 512,
+                        len: 512,
+                    })
+                    .collect()
+            };
+            let buf: Vec<u8> = (0..4096 * 512).map(|i| (i / 512 % 251) as u8).collect();
+            let done = run_blocking(
+                &*backend,
+                IoOp::WriteMany {
+                    file: FileKind::Meta,
+                    buf: buf.clone(),
+                    pieces: pieces(4096),
+                },
+            );
+            done.result.unwrap();
+            let receivers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let op = IoOp::ReadMany {
+                        file: FileKind::Meta,
+                        buf: vec![0; 4096 * 512],
+                        pieces: pieces(4096),
+                    };
+                    backend.submit(op, Box::new(move |done| tx.send(done).unwrap()));
+                    rx
+                })
+                .collect();
+            for rx in receivers {
+                let done = rx.recv().unwrap();
+                done.result.unwrap();
+                assert!(done.buf == buf, "{}", backend.name());
+            }
+        }
+    }
 }

@@ -23,6 +23,9 @@ use super::{Completion, FileKind, IoBackend, IoDone, IoOp, Piece};
 pub const URING_ENTRIES: u32 = 256;
 /// Requests in the kernel at once; one entry stays free for the wake-up read.
 pub const URING_INFLIGHT_MAX: usize = URING_ENTRIES as usize - 1;
+/// Completion queue entries (the kernel's default: twice the submission queue); entries in
+/// flight never exceed it, so completions are never dropped or refused.
+pub const URING_COMPLETIONS_MAX: usize = 2 * URING_ENTRIES as usize;
 /// `user_data` of the eventfd read; slab keys are below it.
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -143,6 +146,11 @@ struct RingThread<'a> {
     backlog: std::collections::VecDeque<Job>,
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
+    /// Entries in the kernel whose completions are not reaped yet; kept within the completion
+    /// queue so that it never overflows.
+    entries_inflight: usize,
+    /// Pieces waiting for room in the completion queue: (slab key, piece).
+    deferred: std::collections::VecDeque<(usize, usize)>,
 }
 
 impl<'a> RingThread<'a> {
@@ -164,6 +172,8 @@ impl<'a> RingThread<'a> {
             backlog: Default::default(),
             wake_buf: Box::new([0; 8]),
             wake_armed: false,
+            entries_inflight: 0,
+            deferred: Default::default(),
         }
     }
 
@@ -217,8 +227,12 @@ impl<'a> RingThread<'a> {
             self.sleeping.store(true, Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
             disconnected |= self.receive();
-            let must_wait =
-                self.backlog.is_empty() && !disconnected && !self.stopping.load(Ordering::Acquire);
+            // Block unless a request can start now, or the thread can end: with the slab full,
+            // or requests in flight while stopping, the next completion is what to wait for.
+            let can_start = !self.backlog.is_empty() && !self.free_keys.is_empty();
+            let stopping = disconnected || self.stopping.load(Ordering::Acquire);
+            let can_end = stopping && self.inflight() == 0 && self.backlog.is_empty();
+            let must_wait = !can_start && !can_end;
             let entered = if must_wait {
                 ring.submit_and_wait(1)
             } else {
@@ -240,6 +254,7 @@ impl<'a> RingThread<'a> {
                 .completion()
                 .map(|cqe| (cqe.user_data(), cqe.result()))
                 .collect();
+            self.entries_inflight -= completions.len();
             for (token, result) in completions {
                 if token == WAKE_TOKEN {
                     self.wake_armed = false;
@@ -251,6 +266,12 @@ impl<'a> RingThread<'a> {
                         result,
                     );
                 }
+            }
+            while self.entries_inflight + 1 < URING_COMPLETIONS_MAX {
+                let Some((key, piece)) = self.deferred.pop_front() else {
+                    break;
+                };
+                self.push_piece(ring, key, piece);
             }
         }
     }
@@ -281,6 +302,7 @@ impl<'a> RingThread<'a> {
             // SAFETY: callers guarantee that every buffer an entry points to stays owned and
             // unmoved until its completion is reaped (see `push_piece` and `run`).
             if unsafe { ring.submission().push(entry) }.is_ok() {
+                self.entries_inflight += 1;
                 return true;
             }
             if ring.submit().is_err() {
@@ -363,6 +385,11 @@ impl<'a> RingThread<'a> {
 
     /// Pushes the (rest of the) piece `piece` of `slab[key]` to the submission queue.
     fn push_piece(&mut self, ring: &mut IoUring, key: usize, piece: usize) {
+        // One entry stays free for the wake-up read.
+        if self.entries_inflight + 1 >= URING_COMPLETIONS_MAX {
+            self.deferred.push_back((key, piece));
+            return;
+        }
         let Some(req) = self.slab[key].as_mut() else {
             return;
         };
@@ -424,7 +451,10 @@ impl<'a> RingThread<'a> {
             if req.op == OpKind::Read {
                 // End of file: the rest of a sparse file reads as zeros.
                 let (from, to) = (p.buf_offset + p.done_bytes, p.buf_offset + p.len);
-                req.buf[from..to].fill(0);
+                // SAFETY: `from..to` is inside the buffer (pieces were checked at `start`) and
+                // belongs to this piece alone; the kernel may be writing other pieces of the
+                // same buffer, so no reference to the whole buffer is formed.
+                unsafe { std::ptr::write_bytes(req.buf.as_mut_ptr().add(from), 0, to - from) };
                 self.piece_done(key, None);
             } else {
                 self.piece_done(
@@ -475,6 +505,10 @@ impl<'a> RingThread<'a> {
     fn fail_all(&mut self, err: io::Error) {
         // Nothing can be reaped from a ring that failed to enter; the buffers are leaked rather
         // than freed while the kernel might still use them.
+        if self.wake_armed {
+            std::mem::forget(std::mem::take(&mut self.wake_buf));
+        }
+        self.deferred.clear();
         for slot in self.slab.iter_mut() {
             if let Some(req) = slot.take() {
                 let InFlight {
