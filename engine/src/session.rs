@@ -144,6 +144,11 @@ pub(crate) enum SessionTarget {
 
 /// An open I/O session on one ref. Share it between the tasks of one connection
 /// (`Arc<Session>`); every method is safe to call concurrently.
+///
+/// Drive every I/O future to completion (run each request in its own task, as the NBD server
+/// does): a write dropped while its data is in flight releases its range lock, its head's gate
+/// and its grace guard early, so its data could land after a commit made that block shared, or
+/// after the block was freed and reused.
 pub struct Session {
     pub(crate) pool: Arc<PoolInner>,
     pub(crate) info: SessionInfo,
@@ -331,13 +336,22 @@ impl Session {
         if pieces.is_empty() {
             return Ok(vec![ReadChunk::Zero { len_bytes }]);
         }
-        let buf = vec![0u8; len_bytes as usize];
-        let op = IoOp::ReadMany {
-            file: FileKind::Data,
-            buf,
-            pieces,
+        let mut buf = vec![0u8; len_bytes as usize];
+        let done = match self
+            .pool
+            .backend
+            .read_cached(FileKind::Data, &mut buf, &pieces)
+        {
+            Some(result) => IoDone { buf, result },
+            None => {
+                let op = IoOp::ReadMany {
+                    file: FileKind::Data,
+                    buf,
+                    pieces,
+                };
+                completion(submit(&self.pool, op)).await
+            }
         };
-        let done = completion(submit(&self.pool, op)).await;
         done.result.map_err(Error::Io)?;
         let bytes = Bytes::from(done.buf);
         Ok(layout

@@ -156,6 +156,15 @@ impl IoBackend for ThreadsBackend {
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
         self.files[file as usize].set_len(len)
     }
+
+    fn read_cached(
+        &self,
+        file: FileKind,
+        buf: &mut [u8],
+        pieces: &[super::Piece],
+    ) -> Option<io::Result<()>> {
+        super::read_nowait(&self.files[file as usize], buf, pieces)
+    }
 }
 
 impl Drop for ThreadsBackend {

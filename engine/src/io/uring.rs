@@ -578,6 +578,15 @@ impl IoBackend for UringBackend {
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
         self.files[file as usize].set_len(len)
     }
+
+    fn read_cached(
+        &self,
+        file: FileKind,
+        buf: &mut [u8],
+        pieces: &[Piece],
+    ) -> Option<io::Result<()>> {
+        super::read_nowait(&self.files[file as usize], buf, pieces)
+    }
 }
 
 impl Drop for UringBackend {
