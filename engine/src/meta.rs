@@ -261,8 +261,6 @@ pub struct MetaStore {
     pub pending_pages: Vec<PendingFree>,
     /// The current generation: nodes born in it are mutable.
     pub gen: u64,
-    pub cache_hits: u64,
-    pub cache_misses: u64,
 }
 
 impl MetaStore {
@@ -283,8 +281,6 @@ impl MetaStore {
             pages,
             pending_pages: Vec::new(),
             gen,
-            cache_hits: 0,
-            cache_misses: 0,
         }
     }
 
@@ -317,13 +313,11 @@ impl MetaStore {
 
     pub fn get(&mut self, page: u64) -> Result<Arc<Node>> {
         if let Some(cached) = self.cache.get(&page) {
-            self.cache_hits += 1;
             return Ok(cached.node.clone());
         }
         if let Some(node) = self.pinned.get(&page) {
             return Ok(node.clone());
         }
-        self.cache_misses += 1;
         let node = Arc::new(self.read(page)?);
         self.insert(
             page,

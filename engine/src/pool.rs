@@ -263,16 +263,12 @@ impl Pool {
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
-        st.catalog
-            .volumes
-            .values()
-            .map(|v| volume_info(&st, v))
-            .collect()
+        st.catalog.volumes.values().map(volume_info).collect()
     }
 
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
         let st = self.inner.state.lock();
-        Ok(volume_info(&st, st.catalog.volume(name)?))
+        Ok(volume_info(st.catalog.volume(name)?))
     }
 
     /// Deletes a volume with all its branches, commits and tags; refused while sessions are
@@ -949,7 +945,7 @@ pub(crate) async fn run_blocking<T: Send + 'static>(
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
 }
 
-fn volume_info(_st: &State, v: &Volume) -> VolumeInfo {
+fn volume_info(v: &Volume) -> VolumeInfo {
     VolumeInfo {
         name: v.name.clone(),
         size_bytes: v.size_bytes,

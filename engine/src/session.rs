@@ -7,12 +7,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
-use crate::io::{FileKind, IoDone, IoOp, Piece};
+use crate::io::{self, FileKind, IoDone, IoOp, Piece};
 use crate::meta::Target;
 use crate::pool::PoolInner;
 use crate::range_lock::RangeLock;
@@ -204,24 +203,6 @@ fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segmen
     out
 }
 
-fn submit(pool: &PoolInner, op: IoOp) -> oneshot::Receiver<IoDone> {
-    let (tx, rx) = oneshot::channel();
-    pool.backend.submit(
-        op,
-        Box::new(move |done| {
-            let _ = tx.send(done);
-        }),
-    );
-    rx
-}
-
-async fn completion(rx: oneshot::Receiver<IoDone>) -> IoDone {
-    rx.await.unwrap_or_else(|_| IoDone {
-        buf: Vec::new(),
-        result: Err(std::io::Error::other("I/O backend stopped")),
-    })
-}
-
 impl Session {
     pub fn id(&self) -> u64 {
         self.info.id
@@ -349,7 +330,7 @@ impl Session {
                     buf,
                     pieces,
                 };
-                completion(submit(&self.pool, op)).await
+                io::run(&*self.pool.backend, op).await
             }
         };
         done.result.map_err(Error::Io)?;
@@ -372,11 +353,22 @@ impl Session {
     /// Writes `data` at `offset_bytes`. Any alignment; sub-block writes read-modify-write inside
     /// the engine. With `fua`, the write is durable when this returns.
     pub async fn write(&self, offset_bytes: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.head()?;
+        self.check_range(offset_bytes, data.len() as u64)?;
+        AtomicCounters::add(&self.counters.write_ops, 1);
+        AtomicCounters::add(&self.counters.write_bytes, data.len() as u64);
+        self.write_at(offset_bytes, data).await?;
+        if fua {
+            self.pool.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The work of a write, uncounted (write-zeroes uses it for partial blocks).
+    async fn write_at(&self, offset_bytes: u64, data: &[u8]) -> Result<()> {
         let (id, gate, ranges) = self.head()?;
         self.check_range(offset_bytes, data.len() as u64)?;
         self.pool.check_writable()?;
-        AtomicCounters::add(&self.counters.write_ops, 1);
-        AtomicCounters::add(&self.counters.write_bytes, data.len() as u64);
         if !data.is_empty() {
             let end_bytes = offset_bytes + data.len() as u64;
             let (first, end) = (offset_bytes / BLOCK_SIZE, end_bytes.div_ceil(BLOCK_SIZE));
@@ -411,9 +403,6 @@ impl Session {
                 Cow::Owned(full)
             };
             self.write_blocks(id, first, &blocks).await?;
-        }
-        if fua {
-            self.pool.flush().await?;
         }
         Ok(())
     }
@@ -483,7 +472,7 @@ impl Session {
             buf: data.to_vec(),
             pieces,
         };
-        let failure = completion(submit(&self.pool, op)).await.result.err();
+        let failure = io::run(&*self.pool.backend, op).await.result.err();
         let mut st = self.pool.state.lock();
         if let Some(err) = failure {
             // The new blocks were never mapped: nothing references them.
@@ -544,18 +533,18 @@ impl Session {
                 let mut at = offset_bytes;
                 while at < end_bytes {
                     let len = (end_bytes - at).min(ZERO_CHUNK_BYTES);
-                    self.write_uncounted(at, &vec![0; len as usize]).await?;
+                    self.write_at(at, &vec![0; len as usize]).await?;
                     at += len;
                 }
             }
             ZeroMode::MayTrim => {
                 let (first, end) = (offset_bytes.div_ceil(BLOCK_SIZE), end_bytes / BLOCK_SIZE);
                 if first >= end {
-                    self.write_uncounted(offset_bytes, &vec![0; len_bytes as usize])
+                    self.write_at(offset_bytes, &vec![0; len_bytes as usize])
                         .await?;
                 } else {
                     if offset_bytes < first * BLOCK_SIZE {
-                        self.write_uncounted(
+                        self.write_at(
                             offset_bytes,
                             &vec![0; (first * BLOCK_SIZE - offset_bytes) as usize],
                         )
@@ -563,7 +552,7 @@ impl Session {
                     }
                     self.deallocate(first, end).await?;
                     if end * BLOCK_SIZE < end_bytes {
-                        self.write_uncounted(
+                        self.write_at(
                             end * BLOCK_SIZE,
                             &vec![0; (end_bytes - end * BLOCK_SIZE) as usize],
                         )
@@ -575,14 +564,6 @@ impl Session {
         if fua {
             self.pool.flush().await?;
         }
-        Ok(())
-    }
-
-    async fn write_uncounted(&self, offset_bytes: u64, data: &[u8]) -> Result<()> {
-        let (write_ops, write_bytes) = (&self.counters.write_ops, &self.counters.write_bytes);
-        self.write(offset_bytes, data, false).await?;
-        write_ops.fetch_sub(1, Ordering::Relaxed);
-        write_bytes.fetch_sub(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

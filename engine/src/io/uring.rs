@@ -336,15 +336,14 @@ impl<'a> RingThread<'a> {
                 })
                 .collect()
         };
-        let (kind, file, buf, pieces) = match op {
+        let (kind, file, pieces, buf) = match op {
             IoOp::Read { file, offset, buf } => (OpKind::Read, file, whole(offset, buf.len()), buf),
             IoOp::Write { file, offset, buf } => {
                 (OpKind::Write, file, whole(offset, buf.len()), buf)
             }
-            IoOp::ReadMany { file, buf, pieces } | IoOp::WriteMany { file, buf, pieces }
+            IoOp::ReadMany { buf, pieces, .. } | IoOp::WriteMany { buf, pieces, .. }
                 if !IoOp::pieces_fit(&buf, &pieces) =>
             {
-                let _ = file;
                 self.free_keys.push(key);
                 completion(IoDone {
                     buf,
@@ -358,8 +357,7 @@ impl<'a> RingThread<'a> {
             IoOp::ReadMany { file, buf, pieces } => (OpKind::Read, file, to_state(pieces), buf),
             IoOp::WriteMany { file, buf, pieces } => (OpKind::Write, file, to_state(pieces), buf),
             IoOp::Sync { file } => (OpKind::Sync, file, Vec::new(), Vec::new()),
-        }
-        .into_parts();
+        };
         let count = if kind == OpKind::Sync {
             1
         } else {
@@ -527,17 +525,6 @@ impl<'a> RingThread<'a> {
                 result: Err(io::Error::new(err.kind(), err.to_string())),
             });
         }
-    }
-}
-
-/// Reorders `(kind, file, pieces, buf)` into the order `InFlight` is built from.
-trait IntoParts {
-    fn into_parts(self) -> (OpKind, FileKind, Vec<u8>, Vec<PieceState>);
-}
-
-impl IntoParts for (OpKind, FileKind, Vec<PieceState>, Vec<u8>) {
-    fn into_parts(self) -> (OpKind, FileKind, Vec<u8>, Vec<PieceState>) {
-        (self.0, self.1, self.3, self.2)
     }
 }
 
