@@ -16,6 +16,8 @@ pub struct SpaceAllocator {
     /// Every unit at or above `end` is free and has never been used.
     end: u64,
     used: u64,
+    /// While a space scan runs: every unit handed out since it began.
+    tracked: Option<roaring::RoaringTreemap>,
 }
 
 impl SpaceAllocator {
@@ -25,6 +27,7 @@ impl SpaceAllocator {
             first,
             end: first,
             used: 0,
+            tracked: None,
         }
     }
 
@@ -66,12 +69,44 @@ impl SpaceAllocator {
                 self.free.insert(start + take, len - take);
             }
             self.used += take;
+            self.track(start, take);
             return (start, take);
         }
         let start = self.end;
         self.end += want;
         self.used += want;
+        self.track(start, want);
         (start, want)
+    }
+
+    fn track(&mut self, start: u64, len: u64) {
+        if let Some(tracked) = &mut self.tracked {
+            tracked.insert_range(start..start + len);
+        }
+    }
+
+    /// Starts recording every unit handed out (for a space scan).
+    pub fn start_tracking(&mut self) {
+        self.tracked = Some(roaring::RoaringTreemap::new());
+    }
+
+    pub fn stop_tracking(&mut self) {
+        self.tracked = None;
+    }
+
+    /// Units handed out since tracking started (empty when not tracking).
+    pub fn tracked(&self) -> roaring::RoaringTreemap {
+        self.tracked.clone().unwrap_or_default()
+    }
+
+    /// Every unit in use.
+    pub fn used_set(&self) -> roaring::RoaringTreemap {
+        let mut used = roaring::RoaringTreemap::new();
+        used.insert_range(self.first..self.end);
+        for (&start, &len) in &self.free {
+            used.remove_range(start..start + len);
+        }
+        used
     }
 
     /// Takes `n` contiguous units.
@@ -82,7 +117,7 @@ impl SpaceAllocator {
             .find(|(_, &len)| len >= n)
             .map(|(&s, &l)| (s, l));
         self.used += n;
-        match found {
+        let start = match found {
             Some((start, len)) => {
                 self.free.remove(&start);
                 if len > n {
@@ -95,7 +130,9 @@ impl SpaceAllocator {
                 self.end += n;
                 start
             }
-        }
+        };
+        self.track(start, n);
+        start
     }
 
     /// Returns a run; neighbouring free runs are merged.

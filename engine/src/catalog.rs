@@ -53,6 +53,9 @@ pub enum CatalogOp {
         name: String,
         size_bytes: u64,
         created_unix: u64,
+        /// For a clone: the ref it was cloned from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<VolumeOrigin>,
     },
     DeleteVolume {
         name: String,
@@ -61,8 +64,15 @@ pub enum CatalogOp {
         volume: String,
         branch: String,
     },
+    /// Adds a commit, or replaces the record of an existing one (a child rewritten when its
+    /// parent is squashed).
     Commit {
         commit: CommitRecord,
+    },
+    /// Removes a commit (squashed into its children).
+    DeleteCommit {
+        volume: String,
+        id: CommitId,
     },
     CreateTag {
         volume: String,
@@ -114,6 +124,7 @@ pub struct Volume {
     pub name: String,
     pub size_bytes: u64,
     pub created_unix: u64,
+    pub origin: Option<VolumeOrigin>,
     /// Branch name -> head id.
     pub branches: BTreeMap<String, u64>,
     pub commits: BTreeMap<CommitId, CommitRecord>,
@@ -129,6 +140,9 @@ pub struct Catalog {
     pub volumes: BTreeMap<String, Volume>,
     pub heads: HashMap<u64, Head>,
     pub next_id: u64,
+    /// Commit id -> volume holding it. Commit ids are unique across the pool, and a clone's
+    /// history continues into the volume it was cloned from.
+    pub commit_volumes: HashMap<CommitId, String>,
 }
 
 impl Catalog {
@@ -162,6 +176,19 @@ impl Catalog {
         self.heads
             .get_mut(&id)
             .ok_or_else(|| Error::not_found("branch"))
+    }
+
+    /// Any commit of the pool, by full id.
+    pub fn commit(&self, id: &CommitId) -> Option<&CommitRecord> {
+        let volume = self.commit_volumes.get(id)?;
+        self.volumes.get(volume)?.commits.get(id)
+    }
+
+    /// A commit that must exist (a parent or base named by the catalog itself).
+    pub fn commit_required(&self, id: &CommitId) -> Result<&CommitRecord> {
+        self.commit(id).ok_or_else(|| {
+            Error::corrupt(format!("commit {id} is referenced but missing"), "catalog")
+        })
     }
 
     pub fn new_id(&mut self) -> u64 {
@@ -236,6 +263,7 @@ impl Catalog {
                 name,
                 size_bytes,
                 created_unix,
+                origin,
             } => {
                 self.next_id = self.next_id.max(*id);
                 self.volumes.insert(
@@ -244,6 +272,7 @@ impl Catalog {
                         name: name.clone(),
                         size_bytes: *size_bytes,
                         created_unix: *created_unix,
+                        origin: origin.clone(),
                         branches: BTreeMap::new(),
                         commits: BTreeMap::new(),
                         tags: BTreeMap::new(),
@@ -257,6 +286,9 @@ impl Catalog {
                     for id in vol.branches.values() {
                         self.heads.remove(id);
                     }
+                    for id in vol.commits.keys() {
+                        self.commit_volumes.remove(id);
+                    }
                 }
             }
             CatalogOp::DeleteBranch { volume, branch } => {
@@ -268,6 +300,12 @@ impl Catalog {
                 self.volume_mut(&commit.info.volume)?
                     .commits
                     .insert(commit.info.id, commit.clone());
+                self.commit_volumes
+                    .insert(commit.info.id, commit.info.volume.clone());
+            }
+            CatalogOp::DeleteCommit { volume, id } => {
+                self.volume_mut(volume)?.commits.remove(id);
+                self.commit_volumes.remove(id);
             }
             CatalogOp::CreateTag {
                 volume,

@@ -13,7 +13,13 @@ pub const EVENT_BUS_CAPACITY: usize = 4096;
 #[serde(tag = "type")]
 pub enum Event {
     #[serde(rename = "volume.created")]
-    VolumeCreated { volume: String, size_bytes: u64 },
+    VolumeCreated {
+        volume: String,
+        size_bytes: u64,
+        /// For a clone: the ref it was cloned from.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
+    },
     #[serde(rename = "volume.deleted")]
     VolumeDeleted { volume: String },
     #[serde(rename = "branch.created")]
@@ -24,6 +30,16 @@ pub enum Event {
     },
     #[serde(rename = "branch.deleted")]
     BranchDeleted { volume: String, branch: String },
+    #[serde(rename = "branch.reset")]
+    BranchReset {
+        volume: String,
+        branch: String,
+        /// The commit the branch continued from before.
+        from: Option<CommitId>,
+        to: CommitId,
+        /// Uncommitted blocks thrown away.
+        discarded_blocks: u64,
+    },
     #[serde(rename = "tag.created")]
     TagCreated {
         volume: String,
@@ -39,6 +55,27 @@ pub enum Event {
         commit: CommitId,
         parents: Vec<CommitId>,
         changed_blocks: u64,
+    },
+    #[serde(rename = "commit.deleted")]
+    CommitDeleted {
+        volume: String,
+        commit: CommitId,
+        /// Commits its changes were folded into.
+        children: Vec<CommitId>,
+    },
+    #[serde(rename = "merge.completed")]
+    MergeCompleted {
+        volume: String,
+        branch: String,
+        /// The commit merged in.
+        from: CommitId,
+        /// The merge commit, or the commit fast-forwarded to.
+        commit: CommitId,
+        fast_forward: bool,
+        /// Blocks taken from the merged side.
+        taken_blocks: u64,
+        /// Blocks changed on both sides differently, settled by the strategy.
+        conflict_blocks: u64,
     },
     #[serde(rename = "session.opened")]
     SessionOpened {
@@ -63,9 +100,12 @@ impl Event {
             Event::VolumeDeleted { .. } => "volume.deleted",
             Event::BranchCreated { .. } => "branch.created",
             Event::BranchDeleted { .. } => "branch.deleted",
+            Event::BranchReset { .. } => "branch.reset",
             Event::TagCreated { .. } => "tag.created",
             Event::TagDeleted { .. } => "tag.deleted",
             Event::CommitCreated { .. } => "commit.created",
+            Event::CommitDeleted { .. } => "commit.deleted",
+            Event::MergeCompleted { .. } => "merge.completed",
             Event::SessionOpened { .. } => "session.opened",
             Event::SessionClosed { .. } => "session.closed",
         }

@@ -10,13 +10,19 @@
 
 pub mod error;
 pub mod events;
+pub mod history;
+pub mod merge;
 pub mod pool;
+pub mod reclaim;
 pub mod session;
 pub mod types;
 
 pub use error::{Error, Result};
 pub use events::{Event, EventBus};
+pub use history::{BlameRange, BlameSource, Diff};
+pub use merge::{ByteRange, MergeOutcome, MergeReport, MergeRequest, MergeStrategy};
 pub use pool::{IoChoice, Pool, PoolOptions};
+pub use reclaim::{SpaceReport, VolumeSpace};
 pub use roaring::RoaringTreemap;
 pub use session::{
     BlockStatus, ReadChunk, Session, SessionClient, SessionCounters, SessionInfo, ZeroMode,
@@ -31,3 +37,4 @@ pub(crate) mod grace;
 pub mod io;
 pub(crate) mod meta;
 pub(crate) mod range_lock;
+pub(crate) mod rewrite;

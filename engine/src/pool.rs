@@ -63,6 +63,8 @@ pub(crate) struct State {
     pub dirty_heads: BTreeSet<u64>,
     /// Where the next journal record goes.
     pub journal_end: u64,
+    /// A space scan is reading metadata pages: freed pages are not reused until it ends.
+    pub scan_active: bool,
 }
 
 impl State {
@@ -115,12 +117,18 @@ pub(crate) struct PoolInner {
     data_dir: Option<PathBuf>,
     /// The exclusive lock on the pool directory, held while the pool is open.
     dir_lock: Mutex<Option<std::fs::File>>,
+    /// One space scan at a time.
+    pub(crate) reclaim_lock: tokio::sync::Mutex<()>,
+    /// Wakes the background reclaimer.
+    pub(crate) reclaim_wanted: Arc<tokio::sync::Notify>,
+    /// The latest scan's figures.
+    pub(crate) space: Mutex<Option<crate::reclaim::SpaceReport>>,
 }
 
 /// A handle on an open pool; clones share it.
 #[derive(Clone)]
 pub struct Pool {
-    inner: Arc<PoolInner>,
+    pub(crate) inner: Arc<PoolInner>,
 }
 
 impl Pool {
@@ -174,6 +182,9 @@ impl Pool {
             sessions: Mutex::new(HashMap::new()),
             data_dir,
             dir_lock: Mutex::new(None),
+            reclaim_lock: Default::default(),
+            reclaim_wanted: Default::default(),
+            space: Mutex::new(None),
         };
         Ok(Pool {
             inner: Arc::new(inner),
@@ -235,6 +246,7 @@ impl Pool {
                     name: name.clone(),
                     size_bytes,
                     created_unix: now_unix(),
+                    origin: None,
                 };
                 st.catalog.apply(&op)?;
                 let head = HeadRecord {
@@ -254,6 +266,7 @@ impl Pool {
                     vec![Event::VolumeCreated {
                         volume: name.clone(),
                         size_bytes,
+                        origin: None,
                     }],
                 ))
             })
@@ -284,7 +297,24 @@ impl Pool {
                         vol.sessions
                     )));
                 }
-                free_volume_space(st, &name)?;
+                let clones: Vec<&str> = st
+                    .catalog
+                    .volumes
+                    .values()
+                    .filter(|v| v.origin.as_ref().is_some_and(|o| o.volume == name))
+                    .map(|v| v.name.as_str())
+                    .collect();
+                if !clones.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "volume {name:?} has clones that continue its history ({}): delete them first",
+                        clones.join(", ")
+                    )));
+                }
+                // A volume that is no clone shares nothing with any other: all its space goes
+                // now. A clone shares with its source, so the reclaimer sorts it out.
+                if vol.origin.is_none() {
+                    free_volume_space(st, &name)?;
+                }
                 let op = CatalogOp::DeleteVolume { name: name.clone() };
                 st.catalog.apply(&op)?;
                 Ok((
@@ -294,7 +324,9 @@ impl Pool {
                     }],
                 ))
             })
-            .await
+            .await?;
+        self.reclaim_soon();
+        Ok(())
     }
 
     /// Creates `branch` on `volume` from `from` (a ref string; default `VOL@main`). Forking a
@@ -427,7 +459,10 @@ impl Pool {
                     }],
                 ))
             })
-            .await
+            .await?;
+        // What the branch shared with nothing durable (writes it forked with) goes too.
+        self.reclaim_soon();
+        Ok(())
     }
 
     /// Commits the head of `volume@branch`: every write acknowledged before the call is in it.
@@ -503,7 +538,7 @@ impl Pool {
 
     /// Holds a head's gate exclusively: waits for the writes in flight on it, and holds new
     /// ones back until the guard is dropped.
-    async fn gate_head(
+    pub(crate) async fn gate_head(
         &self,
         volume: &str,
         branch: &str,
@@ -539,7 +574,6 @@ impl Pool {
     pub fn log(&self, refspec: &str, limit: Option<usize>) -> Result<Vec<CommitInfo>> {
         let st = self.inner.state.lock();
         let resolved = st.catalog.resolve(refspec)?;
-        let vol = st.catalog.volume(resolved.volume())?;
         let mut next = match &resolved {
             ResolvedRef::Branch { volume, branch } => {
                 st.catalog
@@ -550,11 +584,13 @@ impl Pool {
             ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => Some(*commit),
         };
         let mut out = Vec::new();
+        // A clone's history continues into its source volume's.
+        let bound = st.catalog.commit_volumes.len();
         while let Some(id) = next {
-            if limit.is_some_and(|l| out.len() >= l) || out.len() > vol.commits.len() {
+            if limit.is_some_and(|l| out.len() >= l) || out.len() > bound {
                 break;
             }
-            let Some(commit) = vol.commits.get(&id) else {
+            let Some(commit) = st.catalog.commit(&id) else {
                 break;
             };
             out.push(commit.info.clone());
@@ -591,6 +627,13 @@ impl Pool {
         let (v, t) = (volume.clone(), tag.clone());
         self.inner
             .change(move |st| {
+                let owner = st.catalog.commit_volumes.get(&commit);
+                if owner != Some(&volume) {
+                    return Err(Error::invalid(format!(
+                        "commit {commit} belongs to volume {:?}, not {volume:?}: tag it there",
+                        owner.map(String::as_str).unwrap_or("?")
+                    )));
+                }
                 let vol = st.catalog.volume(&volume)?;
                 if vol.tags.contains_key(&tag) {
                     return Err(Error::exists(format!("tag {tag:?} of volume {volume:?}")));
@@ -737,7 +780,7 @@ impl Pool {
             }
             ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
                 SessionTarget::Commit {
-                    root: vol.commits.get(commit).map(|c| c.root).unwrap_or(0),
+                    root: st.catalog.commit_required(commit)?.root,
                 }
             }
         };
@@ -859,7 +902,7 @@ impl PoolInner {
     /// One sync point (FORMAT.md, "sync points"): the catalog change `f` applied, dirty nodes
     /// written and the generation advanced, all under the state lock; then data, metadata and
     /// a journal record made durable, in that order. Runs on a blocking thread.
-    fn sync<F>(&self, f: F) -> Result<Vec<Event>>
+    pub(crate) fn sync<F>(&self, f: F) -> Result<Vec<Event>>
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
     {
@@ -895,7 +938,12 @@ impl PoolInner {
         io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
         let (record, gen, journal_at, events) = match snapshot {
             Ok(snapshot) => snapshot,
-            Err(events) => return Ok(events),
+            Err(events) => {
+                // Nothing new to record: the durable state is the last record's.
+                let durable = self.state.lock().meta.gen - 1;
+                self.release_freed(durable);
+                return Ok(events);
+            }
         };
         let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
             .and_then(|()| {
@@ -903,17 +951,33 @@ impl PoolInner {
             })
             .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Journal));
         durable.map_err(|e| self.fail(e))?;
-        // Space freed up to this sync point is unreferenced on disk now; once no I/O that
-        // started before the frees is left, it can be reused.
+        self.release_freed(gen);
+        Ok(events)
+    }
+
+    /// Space freed up to the durable sync point `gen` is unreferenced on disk; once no I/O
+    /// that started before the frees is left, it is reused. Metadata pages wait while a space
+    /// scan reads them.
+    fn release_freed(&self, gen: u64) {
+        let ready = |p: &crate::meta::PendingFree| p.gen <= gen;
+        {
+            let st = self.state.lock();
+            if !st.pending_data.iter().any(ready)
+                && (st.scan_active || !st.meta.pending_pages.iter().any(ready))
+            {
+                return;
+            }
+        }
         self.grace.synchronize();
         let mut st = self.state.lock();
-        st.meta.release_pending(gen);
-        let (ready, keep): (Vec<_>, Vec<_>) = st.pending_data.drain(..).partition(|p| p.gen <= gen);
+        if !st.scan_active {
+            st.meta.release_pending(gen);
+        }
+        let (ready, keep): (Vec<_>, Vec<_>) = st.pending_data.drain(..).partition(ready);
         st.pending_data = keep;
         for p in ready {
             st.data.free(p.start, p.len);
         }
-        Ok(events)
     }
 
     fn fail(&self, err: std::io::Error) -> Error {
@@ -928,7 +992,7 @@ impl PoolInner {
 
 /// Refuses a change when the branch was deleted and created anew while its gate was awaited:
 /// the gate held would then be the old head's.
-fn check_gated(gated: Option<u64>, head_id: u64, branch: &str) -> Result<()> {
+pub(crate) fn check_gated(gated: Option<u64>, head_id: u64, branch: &str) -> Result<()> {
     match gated {
         Some(id) if id != head_id => Err(Error::Conflict(format!(
             "branch {branch:?} was replaced while the operation waited; try again"
@@ -954,6 +1018,7 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         commits: v.commits.len(),
         tags: v.tags.len(),
         written_bytes: v.blocks * BLOCK_SIZE,
+        origin: v.origin.clone(),
     }
 }
 
@@ -968,7 +1033,7 @@ fn branch_info(head: &Head) -> BranchInfo {
 }
 
 /// Frees the nodes and data blocks only a head owns (born since its `exclusive_since`).
-fn free_head_space(st: &mut State, head_id: u64) -> Result<()> {
+pub(crate) fn free_head_space(st: &mut State, head_id: u64) -> Result<()> {
     let head = st.catalog.head(head_id)?;
     let (root, since, volume) = (
         head.record.root,
@@ -1195,6 +1260,7 @@ fn recover(
         catalog,
         dirty_heads: BTreeSet::new(),
         journal_end,
+        scan_active: false,
     })
 }
 
@@ -1240,6 +1306,7 @@ fn create(
         catalog: Catalog::default(),
         dirty_heads: BTreeSet::new(),
         journal_end: PAGE_SIZE as u64,
+        scan_active: false,
     })
 }
 

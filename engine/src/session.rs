@@ -158,17 +158,17 @@ pub struct Session {
 
 /// A run of logical blocks and where its data is.
 #[derive(Clone, Copy, Debug)]
-struct Segment {
-    lblock: u64,
-    len: u64,
+pub(crate) struct Segment {
+    pub lblock: u64,
+    pub len: u64,
     /// First physical block, or `None` for zeros.
-    pblock: Option<u64>,
+    pub pblock: Option<u64>,
     /// Generation the extent was written in; 0 for a range never written.
-    birth: u64,
+    pub birth: u64,
 }
 
 /// Splits `[first, end)` into data and zero segments from looked-up extents.
-fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segment> {
+pub(crate) fn segments(extents: &[crate::meta::Extent], first: u64, end: u64) -> Vec<Segment> {
     let mut out = Vec::with_capacity(extents.len() * 2 + 1);
     let mut cursor = first;
     for e in extents {

@@ -166,6 +166,17 @@ impl ResolvedRef {
     }
 }
 
+/// Where a cloned volume came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeOrigin {
+    /// The source volume.
+    pub volume: String,
+    /// The source ref as given, in canonical form (`VOL`, `VOL@BRANCH`, `VOL@TAG`, `VOL@ID`).
+    pub source: String,
+    /// The commit the clone's history continues from (`None`: a source with no commits).
+    pub commit: Option<CommitId>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeInfo {
     pub name: String,
@@ -177,6 +188,8 @@ pub struct VolumeInfo {
     pub tags: usize,
     /// Bytes of pool space the volume's live refs map (blocks shared between refs count once).
     pub written_bytes: u64,
+    /// For a clone: the ref it was cloned from.
+    pub origin: Option<VolumeOrigin>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,0 +1,447 @@
+//! The reclaimer: returns space nothing references any more, and measures what each branch,
+//! commit and volume holds alone (what deleting it would free).
+//!
+//! Branch deletes, trims and overwrites free what a head owned at once (generations make that
+//! cheap). What becomes unreferenced otherwise, a squashed commit's own blocks, a reset
+//! head's history, a deleted clone, is found by a scan: a mark phase over every root of the
+//! pool, then a sweep of whatever the allocators hold that no root reaches. The scan runs
+//! beside I/O without pausing it:
+//!
+//! 1. Both allocators start recording what they hand out, and the scan waits out the data
+//!    I/O in flight, so every block allocated before is mapped (or freed) by then.
+//! 2. A sync point makes the current state durable: its roots and everything under them are
+//!    immutable from then on. Freed metadata pages are kept from reuse until the scan ends,
+//!    so the pages the mark phase reads cannot change under it.
+//! 3. The mark phase reads those nodes straight from the metadata file, without the state
+//!    lock. Each node records which root reached it first; one reached from a second root is
+//!    shared, and so is everything under it (each node changes state at most twice, so the
+//!    walk costs at most twice the metadata, however much is shared).
+//! 4. The sweep frees what is allocated but neither reached, nor allocated since step 1, nor
+//!    already queued for freeing; like every free it becomes reusable after the next sync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::BlobRef;
+use crate::error::{Error, Result};
+use crate::format::PAGE_SIZE;
+use crate::io::{self, FileKind, IoBackend};
+use crate::meta::{Body, Node, PendingFree, Target, TREE_HEIGHT_MAX};
+use crate::pool::{run_blocking, runs, Pool, PoolInner, State};
+use crate::types::*;
+
+/// What a volume's refs hold, as of a scan.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeSpace {
+    /// Data bytes the volume's refs map, shared blocks counted once.
+    pub referenced_bytes: u64,
+    /// Data and metadata bytes no other volume references: what deleting the volume frees.
+    pub exclusive_bytes: u64,
+    /// Per branch: data and metadata bytes only that branch head references.
+    pub branches: BTreeMap<String, u64>,
+    /// Per commit: data and metadata bytes (its bitmap included) only that commit references.
+    pub commits: BTreeMap<CommitId, u64>,
+}
+
+/// The result of a scan.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpaceReport {
+    /// The sync point the figures describe.
+    pub generation: u64,
+    pub computed_unix: u64,
+    /// Bytes the scan found unreferenced and returned to the pool.
+    pub reclaimed_bytes: u64,
+    pub volumes: BTreeMap<String, VolumeSpace>,
+}
+
+/// Whose a root is.
+#[derive(Clone, Debug)]
+enum RootOf {
+    Branch(String),
+    Commit(CommitId, BlobRef),
+}
+
+struct Root {
+    volume: u32,
+    of: RootOf,
+    page: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Root(u32),
+    Shared,
+}
+
+struct Mark {
+    owner: Owner,
+    /// Volumes that reached the node (few: a volume and its clones).
+    volumes: Vec<u32>,
+}
+
+/// The mark phase over immutable nodes read from the metadata file.
+struct Walk<'a> {
+    backend: &'a dyn IoBackend,
+    /// Pages at or past this are outside the metadata file.
+    meta_end: u64,
+    /// Every node and extent in the snapshot is born before this generation.
+    birth_limit: u64,
+    marks: HashMap<u64, Mark>,
+    /// Data blocks reached from any root, and those reached from more than one.
+    seen: RoaringTreemap,
+    shared: RoaringTreemap,
+    /// Per root: data blocks first reached from it.
+    first: Vec<RoaringTreemap>,
+    /// Per volume: data blocks its refs reach.
+    volume_blocks: Vec<RoaringTreemap>,
+}
+
+impl Walk<'_> {
+    fn read(&self, page: u64) -> Result<Node> {
+        if page == 0 || page >= self.meta_end {
+            return Err(Error::corrupt(
+                format!("extent-map pointer to page {page} outside the metadata file"),
+                "meta.grove",
+            ));
+        }
+        let bytes = io::read_blocking(
+            self.backend,
+            FileKind::Meta,
+            page * PAGE_SIZE as u64,
+            PAGE_SIZE,
+        )?;
+        let node = Node::decode(&bytes, page)?;
+        if node.birth >= self.birth_limit {
+            return Err(Error::corrupt(
+                format!(
+                    "extent-map node born in generation {} after the scanned sync point",
+                    node.birth
+                ),
+                format!("meta page {page}"),
+            ));
+        }
+        Ok(node)
+    }
+
+    /// Visits a node from root `root` of volume `volume`; `shared` when a shared parent led
+    /// here (so this node is shared too).
+    fn visit(
+        &mut self,
+        page: u64,
+        root: u32,
+        volume: u32,
+        shared: bool,
+        level: Option<u8>,
+        depth: u8,
+    ) -> Result<()> {
+        if page == 0 {
+            return Ok(());
+        }
+        if depth > TREE_HEIGHT_MAX {
+            return Err(Error::corrupt(
+                "extent map deeper than any valid tree",
+                format!("meta page {page}"),
+            ));
+        }
+        let mark = self.marks.entry(page).or_insert(Mark {
+            owner: if shared {
+                Owner::Shared
+            } else {
+                Owner::Root(root)
+            },
+            volumes: Vec::new(),
+        });
+        let first_visit = mark.volumes.is_empty();
+        let mut became_shared = false;
+        if !first_visit {
+            if let Owner::Root(r) = mark.owner {
+                if r != root || shared {
+                    mark.owner = Owner::Shared;
+                    became_shared = true;
+                }
+            }
+        }
+        let new_for_volume = !mark.volumes.contains(&volume);
+        if new_for_volume {
+            mark.volumes.push(volume);
+        }
+        let now_shared = mark.owner == Owner::Shared;
+        if !(first_visit || became_shared || new_for_volume) {
+            return Ok(());
+        }
+        let node = self.read(page)?;
+        if level.is_some_and(|l| l != node.level) {
+            return Err(Error::corrupt(
+                format!(
+                    "extent-map node at level {} where {level:?} was expected",
+                    node.level
+                ),
+                format!("meta page {page}"),
+            ));
+        }
+        match &node.body {
+            Body::Leaf(extents) => {
+                for e in extents {
+                    if e.birth >= self.birth_limit {
+                        return Err(Error::corrupt(
+                            format!(
+                                "extent born in generation {} after the scanned sync point",
+                                e.birth
+                            ),
+                            format!("logical block {}", e.lblock),
+                        ));
+                    }
+                    let Target::Data(p) = e.target else { continue };
+                    let mut blocks = RoaringTreemap::new();
+                    blocks.insert_range(p..p + e.len);
+                    if new_for_volume {
+                        self.volume_blocks[volume as usize] |= &blocks;
+                    }
+                    if first_visit && !now_shared {
+                        // The same data block can sit in leaves of several roots (a leaf
+                        // copied on write keeps its other extents).
+                        self.shared |= &blocks & &self.seen;
+                        self.first[root as usize] |= &blocks;
+                    } else if first_visit || became_shared {
+                        self.shared |= &blocks;
+                    }
+                    self.seen |= blocks;
+                }
+            }
+            Body::Internal(children) => {
+                for c in children {
+                    self.visit(
+                        c.page,
+                        root,
+                        volume,
+                        now_shared,
+                        Some(node.level - 1),
+                        depth + 1,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ends a scan however it ends: frees are released again, allocations no longer recorded.
+struct ScanGuard<'a>(&'a PoolInner);
+
+impl Drop for ScanGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.scan_active = false;
+        st.data.stop_tracking();
+        st.meta.pages.stop_tracking();
+    }
+}
+
+impl Pool {
+    /// Runs a scan now (waiting for one in progress): returns unreferenced space to the pool
+    /// and measures what each ref holds alone.
+    pub async fn reclaim(&self) -> Result<SpaceReport> {
+        let _one_at_a_time = self.inner.reclaim_lock.lock().await;
+        self.inner.check_writable()?;
+        let inner = self.inner.clone();
+        let report = run_blocking(move || scan(&inner)).await?;
+        // The sweep's frees become reusable at this sync point.
+        self.inner.flush().await?;
+        *self.inner.space.lock() = Some(report.clone());
+        tracing::info!(
+            reclaimed_bytes = report.reclaimed_bytes,
+            generation = report.generation,
+            "space scan done"
+        );
+        Ok(report)
+    }
+
+    /// The figures of the latest scan, if any ran since the pool opened.
+    pub fn space_report(&self) -> Option<SpaceReport> {
+        self.inner.space.lock().clone()
+    }
+
+    /// Asks the background reclaimer (see `spawn_reclaimer`) for a scan.
+    pub(crate) fn reclaim_soon(&self) {
+        self.inner.reclaim_wanted.notify_one();
+    }
+
+    /// Starts the background reclaimer on the current tokio runtime: after deletes, resets
+    /// and clones it scans (coalescing requests that arrive meanwhile), and once at start so
+    /// the space figures exist. It ends when the pool is dropped.
+    pub fn spawn_reclaimer(&self) -> tokio::task::JoinHandle<()> {
+        let wanted = self.inner.reclaim_wanted.clone();
+        let pool = Arc::downgrade(&self.inner);
+        wanted.notify_one();
+        tokio::spawn(async move {
+            loop {
+                wanted.notified().await;
+                let Some(inner) = pool.upgrade() else { break };
+                let pool = Pool { inner };
+                if pool.is_failed() {
+                    continue;
+                }
+                if let Err(err) = pool.reclaim().await {
+                    tracing::warn!(error = %err, "space scan failed; it runs again after the next change");
+                }
+            }
+        })
+    }
+}
+
+fn scan(inner: &PoolInner) -> Result<SpaceReport> {
+    {
+        let mut st = inner.state.lock();
+        st.scan_active = true;
+        st.data.start_tracking();
+        st.meta.pages.start_tracking();
+    }
+    let _guard = ScanGuard(inner);
+    // Every data block allocated before tracking began is mapped or freed once this returns.
+    inner.grace.synchronize();
+    let mut snapshot = None;
+    inner.sync(|st| {
+        snapshot = Some(roots(st));
+        Ok((Vec::new(), Vec::new()))
+    })?;
+    let Some((roots, volumes, volume_counts)) = snapshot else {
+        return Err(Error::invalid("the space scan took no snapshot"));
+    };
+    let (birth_limit, meta_end) = {
+        let st = inner.state.lock();
+        (st.meta.gen, st.meta.pages.end())
+    };
+    let mut walk = Walk {
+        backend: &*inner.backend,
+        meta_end,
+        birth_limit,
+        marks: HashMap::new(),
+        seen: RoaringTreemap::new(),
+        shared: RoaringTreemap::new(),
+        first: vec![RoaringTreemap::new(); roots.len()],
+        volume_blocks: vec![RoaringTreemap::new(); volumes.len()],
+    };
+    for (i, root) in roots.iter().enumerate() {
+        walk.visit(root.page, i as u32, root.volume, false, None, 0)?;
+    }
+    let mut reached_pages: RoaringTreemap = walk.marks.keys().copied().collect();
+    let mut exclusive_pages = vec![0u64; roots.len()];
+    let mut volume_pages = vec![0u64; volumes.len()];
+    for mark in walk.marks.values() {
+        if let Owner::Root(r) = mark.owner {
+            exclusive_pages[r as usize] += 1;
+        }
+        if let [v] = mark.volumes[..] {
+            volume_pages[v as usize] += 1;
+        }
+    }
+    for (i, root) in roots.iter().enumerate() {
+        if let RootOf::Commit(_, blob) = &root.of {
+            let n = blob.len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
+            reached_pages.insert_range(blob.page..blob.page + n);
+            exclusive_pages[i] += n;
+            volume_pages[root.volume as usize] += n;
+        }
+    }
+
+    // Volume figures: blocks no other volume reaches are the volume's alone.
+    let mut in_two = RoaringTreemap::new();
+    let mut in_any = RoaringTreemap::new();
+    for blocks in &walk.volume_blocks {
+        in_two |= blocks & &in_any;
+        in_any |= blocks;
+    }
+    let mut report = SpaceReport {
+        generation: birth_limit - 1,
+        computed_unix: now_unix(),
+        ..Default::default()
+    };
+    for (v, name) in volumes.iter().enumerate() {
+        let blocks = &walk.volume_blocks[v];
+        report.volumes.insert(
+            name.clone(),
+            VolumeSpace {
+                referenced_bytes: blocks.len() * BLOCK_SIZE,
+                exclusive_bytes: ((blocks - &in_two).len() + volume_pages[v]) * BLOCK_SIZE,
+                ..Default::default()
+            },
+        );
+    }
+    for (i, root) in roots.iter().enumerate() {
+        let data = (&walk.first[i] - &walk.shared).len();
+        let bytes = (data + exclusive_pages[i]) * BLOCK_SIZE;
+        let space = report
+            .volumes
+            .entry(volumes[root.volume as usize].clone())
+            .or_default();
+        match &root.of {
+            RootOf::Branch(name) => space.branches.insert(name.clone(), bytes),
+            RootOf::Commit(id, _) => space.commits.insert(*id, bytes),
+        };
+    }
+
+    // Sweep.
+    let mut st = inner.state.lock();
+    inner.check_writable()?;
+    let pending = |list: &[PendingFree]| -> RoaringTreemap {
+        let mut set = RoaringTreemap::new();
+        for p in list {
+            set.insert_range(p.start..p.start + p.len);
+        }
+        set
+    };
+    let free_data = st.data.used_set() - &walk.seen - st.data.tracked() - pending(&st.pending_data);
+    let free_pages = st.meta.pages.used_set()
+        - &reached_pages
+        - st.meta.pages.tracked()
+        - pending(&st.meta.pending_pages);
+    let gen = report.generation;
+    for (start, len) in runs(&free_data).collect::<Vec<_>>() {
+        st.pending_data.push(PendingFree { gen, start, len });
+    }
+    for (start, len) in runs(&free_pages).collect::<Vec<_>>() {
+        st.meta.pending_pages.push(PendingFree { gen, start, len });
+    }
+    report.reclaimed_bytes = free_data.len() * BLOCK_SIZE + free_pages.len() * PAGE_SIZE as u64;
+    // The volumes' running counts drifted by what went unreferenced without being freed;
+    // correct them by what the scan found, keeping what changed since.
+    for (v, name) in volumes.iter().enumerate() {
+        if let Some(vol) = st.catalog.volumes.get_mut(name) {
+            let scanned = walk.volume_blocks[v].len();
+            vol.blocks = (vol.blocks + scanned).saturating_sub(volume_counts[v]);
+        }
+    }
+    drop(st);
+    Ok(report)
+}
+
+/// Every root of the pool, the volumes in order, and each volume's block count at the snapshot.
+fn roots(st: &State) -> (Vec<Root>, Vec<String>, Vec<u64>) {
+    let mut roots = Vec::new();
+    let mut volumes = Vec::new();
+    let mut counts = Vec::new();
+    for (v, vol) in st.catalog.volumes.values().enumerate() {
+        volumes.push(vol.name.clone());
+        counts.push(vol.blocks);
+        for (name, id) in &vol.branches {
+            if let Some(head) = st.catalog.heads.get(id) {
+                roots.push(Root {
+                    volume: v as u32,
+                    of: RootOf::Branch(name.clone()),
+                    page: head.record.root,
+                });
+            }
+        }
+        for commit in vol.commits.values() {
+            roots.push(Root {
+                volume: v as u32,
+                of: RootOf::Commit(commit.info.id, commit.bitmap),
+                page: commit.root,
+            });
+        }
+    }
+    (roots, volumes, counts)
+}

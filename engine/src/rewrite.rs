@@ -1,0 +1,305 @@
+//! Operations that move or remove history, or share it with a new volume: reset (rollback),
+//! commit deletion (squash) and clone.
+//!
+//! None of them copies data or a map. Reset and clone point a head at an existing root, the
+//! way a fork does; squashing rewrites only catalog records and the children's bitmaps. What
+//! they leave unreferenced (a discarded head's blocks, a squashed commit's own blocks) is
+//! returned by the reclaimer (`reclaim.rs`).
+
+use roaring::RoaringTreemap;
+
+use crate::catalog::*;
+use crate::error::{Error, Result};
+use crate::events::Event;
+use crate::history::commit_bitmap;
+use crate::meta::PendingFree;
+use crate::pool::{check_gated, free_head_space, Pool, State};
+use crate::types::*;
+
+impl Pool {
+    /// Moves the head of `volume@branch` to a commit (`target`: a commit, a tag, or a branch,
+    /// meaning its latest commit), as if the branch had just been made from it. Uncommitted
+    /// writes on the head are refused unless `discard_uncommitted`; open sessions on the
+    /// branch are refused (their device would change under them).
+    pub async fn reset_branch(
+        &self,
+        volume: &str,
+        branch: &str,
+        target: &str,
+        discard_uncommitted: bool,
+    ) -> Result<BranchInfo> {
+        let commit = self.commit_of(volume, target)?;
+        let export = ResolvedRef::Branch {
+            volume: volume.to_string(),
+            branch: branch.to_string(),
+        };
+        let (gated, gate) = self.gate_head(volume, branch).await?;
+        let attached = self
+            .sessions()
+            .iter()
+            .filter(|s| s.target == export)
+            .count();
+        if attached > 0 {
+            return Err(Error::Conflict(format!(
+                "branch {branch:?} of volume {volume:?} has {attached} open sessions; disconnect them before a reset"
+            )));
+        }
+        let (v, b) = (volume.to_string(), branch.to_string());
+        let (volume, branch) = (v.clone(), b.clone());
+        self.inner
+            .change_gated(Some(gate), move |st| {
+                let id = st.catalog.head_id(&volume, &branch)?;
+                check_gated(Some(gated), id, &branch)?;
+                let target = st.catalog.commit_required(&commit)?.clone();
+                st.catalog.check_related(&volume, &target.info.volume)?;
+                let head = st.catalog.head(id)?;
+                let discarded = head.changed.len();
+                if discarded > 0 && !discard_uncommitted {
+                    return Err(Error::Conflict(format!(
+                        "branch {branch:?} has {discarded} uncommitted blocks; commit them, or reset with discard_uncommitted to throw them away"
+                    )));
+                }
+                let from = head.record.base;
+                free_head_space(st, id)?;
+                let gen = st.meta.gen;
+                let head = st.catalog.head_mut(id)?;
+                head.record.root = target.root;
+                head.record.base = Some(target.info.id);
+                head.record.base_gen = target.gen;
+                head.record.exclusive_since = gen + 1;
+                head.changed = RoaringTreemap::new();
+                st.dirty_heads.insert(id);
+                Ok((
+                    vec![],
+                    vec![Event::BranchReset {
+                        volume: volume.clone(),
+                        branch: branch.clone(),
+                        from,
+                        to: target.info.id,
+                        discarded_blocks: discarded,
+                    }],
+                ))
+            })
+            .await?;
+        self.reclaim_soon();
+        self.branch(&v, &b)
+    }
+
+    /// Deletes a commit, folding its changes into its children (squashing history): each
+    /// child whose first parent it was records its changes too, and takes its parents. Refused
+    /// while a tag points at it or it is a branch's latest commit. The space only it held
+    /// returns to the pool.
+    pub async fn delete_commit(&self, volume: &str, id_or_prefix: &str) -> Result<()> {
+        let (volume, prefix) = (volume.to_string(), id_or_prefix.to_string());
+        self.inner
+            .change(move |st| {
+                let commit = st.catalog.find_commit(&volume, &prefix)?.clone();
+                let id = commit.info.id;
+                check_unneeded(st, &commit)?;
+                let bitmap = commit_bitmap(&st.meta, &commit)?;
+                let children: Vec<CommitRecord> = st
+                    .catalog
+                    .volumes
+                    .values()
+                    .flat_map(|v| v.commits.values())
+                    .filter(|c| c.info.parents.contains(&id))
+                    .cloned()
+                    .collect();
+                let mut ops = Vec::new();
+                for mut child in children.iter().cloned() {
+                    if child.info.parents.first() == Some(&id) {
+                        let mut changed = commit_bitmap(&st.meta, &child)?;
+                        changed |= &bitmap;
+                        free_blob(st, &child.bitmap);
+                        child.bitmap = write_bitmap(st, &changed)?;
+                        child.info.changed_blocks = changed.len();
+                    }
+                    let mut parents: Vec<CommitId> = Vec::new();
+                    for p in &child.info.parents {
+                        let replaced = if *p == id {
+                            commit.info.parents.clone()
+                        } else {
+                            vec![*p]
+                        };
+                        for q in replaced {
+                            if !parents.contains(&q) {
+                                parents.push(q);
+                            }
+                        }
+                    }
+                    child.info.parents = parents;
+                    ops.push(CatalogOp::Commit { commit: child });
+                }
+                free_blob(st, &commit.bitmap);
+                ops.push(CatalogOp::DeleteCommit {
+                    volume: volume.clone(),
+                    id,
+                });
+                for op in &ops {
+                    st.catalog.apply(op)?;
+                }
+                Ok((
+                    ops,
+                    vec![Event::CommitDeleted {
+                        volume: volume.clone(),
+                        commit: id,
+                        children: children.iter().map(|c| c.info.id).collect(),
+                    }],
+                ))
+            })
+            .await?;
+        self.reclaim_soon();
+        Ok(())
+    }
+
+    /// Creates volume `name` from any ref of another volume, sharing every block: nothing is
+    /// copied. Its history continues from the source's (a branch with uncommitted writes
+    /// passes them on as the clone's uncommitted writes).
+    pub async fn clone_volume(&self, source: &str, name: &str) -> Result<VolumeInfo> {
+        validate_volume_name(name)?;
+        let source = self.resolve(source)?;
+        let (gated, gate) = match &source {
+            ResolvedRef::Branch { volume, branch } => {
+                let (id, guard) = self.gate_head(volume, branch).await?;
+                (Some(id), Some(guard))
+            }
+            _ => (None, None),
+        };
+        let name = name.to_string();
+        let created = name.clone();
+        self.inner
+            .change_gated(gate, move |st| {
+                if st.catalog.volumes.contains_key(&name) {
+                    return Err(Error::exists(format!("volume {name:?}")));
+                }
+                let src = st.catalog.volume(source.volume())?;
+                let (size_bytes, src_blocks) = (src.size_bytes, src.blocks);
+                let gen = st.meta.gen;
+                let (root, base, base_gen, changed) = match &source {
+                    ResolvedRef::Branch { volume, branch } => {
+                        let id = st.catalog.head_id(volume, branch)?;
+                        check_gated(gated, id, branch)?;
+                        let head = st.catalog.head_mut(id)?;
+                        // From the next generation on, neither head owns the shared state.
+                        head.record.exclusive_since = gen + 1;
+                        let r = &head.record;
+                        let fork = (r.root, r.base, r.base_gen, head.changed.clone());
+                        st.dirty_heads.insert(id);
+                        fork
+                    }
+                    ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
+                        let c = st.catalog.commit_required(commit)?;
+                        (c.root, Some(c.info.id), c.gen, RoaringTreemap::new())
+                    }
+                };
+                let origin = VolumeOrigin {
+                    volume: source.volume().to_string(),
+                    source: source.canonical_name(),
+                    commit: base,
+                };
+                let op = CatalogOp::CreateVolume {
+                    id: st.catalog.new_id(),
+                    name: name.clone(),
+                    size_bytes,
+                    created_unix: now_unix(),
+                    origin: Some(origin.clone()),
+                };
+                st.catalog.apply(&op)?;
+                let record = HeadRecord {
+                    id: st.catalog.new_id(),
+                    volume: name.clone(),
+                    branch: MAIN_BRANCH.to_string(),
+                    root,
+                    exclusive_since: gen + 1,
+                    base,
+                    base_gen,
+                    created_unix: now_unix(),
+                };
+                st.catalog.apply_head(&record)?;
+                st.catalog.head_mut(record.id)?.changed = changed;
+                st.dirty_heads.insert(record.id);
+                // An estimate until the reclaimer's next scan counts the blocks exactly.
+                st.catalog.volume_mut(&name)?.blocks = src_blocks;
+                Ok((
+                    vec![op],
+                    vec![Event::VolumeCreated {
+                        volume: name.clone(),
+                        size_bytes,
+                        origin: Some(origin.source),
+                    }],
+                ))
+            })
+            .await?;
+        self.reclaim_soon();
+        self.volume(&created)
+    }
+
+    /// The commit a ref names in the context of `volume`: a commit, a tag's commit, or a
+    /// branch's latest commit.
+    pub(crate) fn commit_of(&self, volume: &str, refspec: &str) -> Result<CommitId> {
+        match self.resolve_in(volume, refspec)? {
+            ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => Ok(commit),
+            ResolvedRef::Branch { volume, branch } => {
+                self.branch(&volume, &branch)?.head_commit.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "branch {branch:?} of volume {volume:?} has no commits yet"
+                    ))
+                })
+            }
+        }
+    }
+}
+
+/// Refuses to delete a commit a tag points at, or that is a branch's latest commit.
+fn check_unneeded(st: &State, commit: &CommitRecord) -> Result<()> {
+    let id = commit.info.id;
+    let mut needed_by = Vec::new();
+    for vol in st.catalog.volumes.values() {
+        for tag in vol.tags.values().filter(|t| t.commit == id) {
+            needed_by.push(format!("tag {}@{}", vol.name, tag.name));
+        }
+        for head_id in vol.branches.values() {
+            let head = st.catalog.head(*head_id)?;
+            if head.record.base == Some(id) {
+                needed_by.push(format!(
+                    "branch {}@{} (its latest commit)",
+                    vol.name, head.record.branch
+                ));
+            }
+        }
+    }
+    if needed_by.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Conflict(format!(
+            "commit {id} is still needed by {}: delete the tags or reset the branches first",
+            needed_by.join(", ")
+        )))
+    }
+}
+
+/// Stores a bitmap as a new blob.
+pub(crate) fn write_bitmap(st: &mut State, bitmap: &RoaringTreemap) -> Result<BlobRef> {
+    let mut bytes = Vec::new();
+    bitmap.serialize_into(&mut bytes).map_err(Error::Io)?;
+    let page = st.meta.write_blob(&bytes)?;
+    Ok(BlobRef {
+        page,
+        len_bytes: bytes.len() as u64,
+        crc: crc32c::crc32c(&bytes),
+    })
+}
+
+/// Frees a blob's pages after the next sync point.
+fn free_blob(st: &mut State, blob: &BlobRef) {
+    let gen = st.meta.gen;
+    let pages = blob
+        .len_bytes
+        .div_ceil(crate::format::PAGE_SIZE as u64)
+        .max(1);
+    st.meta.pending_pages.push(PendingFree {
+        gen,
+        start: blob.page,
+        len: pages,
+    });
+}
