@@ -428,23 +428,31 @@ impl Pool {
         ))
     }
 
-    /// Deletes a branch (not `main`); refused while sessions are open on the volume.
+    /// Deletes a branch (not `main`); refused while sessions are attached to it.
     pub async fn delete_branch(&self, volume: &str, branch: &str) -> Result<()> {
         if branch == MAIN_BRANCH {
             return Err(Error::Conflict(format!(
                 "the {MAIN_BRANCH} branch cannot be deleted; delete the volume instead"
             )));
         }
+        let export = ResolvedRef::Branch {
+            volume: volume.to_string(),
+            branch: branch.to_string(),
+        };
+        let attached = self
+            .sessions()
+            .iter()
+            .filter(|s| s.target == export)
+            .count();
+        if attached > 0 {
+            return Err(Error::Conflict(format!(
+                "branch {branch:?} of volume {volume:?} has {attached} open sessions"
+            )));
+        }
         let (volume, branch) = (volume.to_string(), branch.to_string());
         self.inner
             .change(move |st| {
                 let id = st.catalog.head_id(&volume, &branch)?;
-                let sessions = st.catalog.volume(&volume)?.sessions;
-                if sessions > 0 {
-                    return Err(Error::Conflict(format!(
-                        "volume {volume:?} has {sessions} open sessions"
-                    )));
-                }
                 free_head_space(st, id)?;
                 let op = CatalogOp::DeleteBranch {
                     volume: volume.clone(),
@@ -710,7 +718,11 @@ impl Pool {
         let st = self.inner.state.lock();
         if !refspec.contains('@') {
             match st.catalog.resolve(&format!("{volume}@{refspec}")) {
-                Err(Error::NotFound { .. }) | Err(Error::InvalidArgument(_)) => {}
+                // Not a name in the volume: perhaps a volume name (its main branch); if not,
+                // the answer is about the name in the volume.
+                Err(err @ (Error::NotFound { .. } | Error::InvalidArgument(_))) => {
+                    return st.catalog.resolve(refspec).map_err(|_| err);
+                }
                 found => return found,
             }
         }

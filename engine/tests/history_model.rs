@@ -1,0 +1,485 @@
+//! Seeded random history operations (writes, trims, commits, branches, merges with every
+//! strategy, resets, commit squashes, clones, space scans) against an in-memory model on the
+//! simulation backend. After every step the touched refs read back as the model says; diffs
+//! between random refs list exactly the blocks whose content differs; merges take, keep and
+//! report conflicts exactly as a block-level three-way merge over the engine's merge base
+//! would. Space scans must leave the allocator with exactly what a fresh open finds in use,
+//! and the pool must reopen to the same content.
+//!
+//! GROVE_HISTORY_SEEDS=N runs N seeds (default 24); GROVE_HISTORY_SEED=S runs just seed S.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use grove_engine::io::sim::SimDisk;
+use grove_engine::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BLOCKS: usize = 48;
+const SIZE: u64 = (BLOCKS as u64) * BLOCK_SIZE;
+
+fn client() -> SessionClient {
+    SessionClient {
+        protocol: "test".into(),
+        address: "sim".into(),
+    }
+}
+
+/// A block's content is a token (0: zeros); each write uses a fresh one, so equal tokens mean
+/// equal content and shared origin.
+type Image = Vec<u64>;
+
+fn block_bytes(token: u64) -> Vec<u8> {
+    if token == 0 {
+        return vec![0; BLOCK_SIZE as usize];
+    }
+    token.to_le_bytes().repeat(BLOCK_SIZE as usize / 8)
+}
+
+fn decode(bytes: &[u8]) -> Image {
+    bytes
+        .chunks(BLOCK_SIZE as usize)
+        .map(|b| {
+            let token = u64::from_le_bytes(b[..8].try_into().unwrap());
+            assert_eq!(
+                b,
+                &block_bytes(token)[..],
+                "a block holds a torn or foreign pattern"
+            );
+            token
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Model {
+    /// (volume, branch) -> (image, latest commit, written since it)
+    heads: BTreeMap<(String, String), (Image, Option<CommitId>, bool)>,
+    commits: BTreeMap<CommitId, (String, Image)>,
+    next_token: u64,
+}
+
+async fn read_ref(pool: &Pool, export: &str) -> Image {
+    let session = pool.open_session(export, client()).unwrap();
+    decode(&session.read(0, SIZE).await.unwrap())
+}
+
+fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
+    &items[rng.gen_range(0..items.len())]
+}
+
+fn export_of(volume: &str, branch: &str) -> String {
+    format!("{volume}@{branch}")
+}
+
+async fn check_diff(pool: &Pool, model: &Model, rng: &mut StdRng) {
+    let mut refs: Vec<(String, Image)> = model
+        .heads
+        .iter()
+        .map(|((v, b), (img, _, _))| (export_of(v, b), img.clone()))
+        .collect();
+    refs.extend(
+        model
+            .commits
+            .iter()
+            .map(|(id, (v, img))| (format!("{v}@{id}"), img.clone())),
+    );
+    for _ in 0..3 {
+        let (a, ia) = pick(rng, &refs).clone();
+        let (b, ib) = pick(rng, &refs).clone();
+        let (va, vb) = (a.split('@').next().unwrap(), b.split('@').next().unwrap());
+        let diff = pool.diff(va, &a, &b).await;
+        let related = va == vb || va.starts_with("clone") || vb.starts_with("clone");
+        let diff = match diff {
+            Ok(diff) => diff,
+            Err(err) => panic!("diff {a} {b} (related: {related}): {err}"),
+        };
+        let expected: Vec<u64> = (0..BLOCKS as u64)
+            .filter(|&i| ia[i as usize] != ib[i as usize])
+            .collect();
+        let got: Vec<u64> = diff.blocks.iter().collect();
+        assert_eq!(got, expected, "diff {a} -> {b}");
+        assert!(diff.candidate_blocks >= got.len() as u64);
+    }
+}
+
+async fn run_seed(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let disk = SimDisk::new();
+    // Odd seeds page metadata through the smallest cache.
+    let cache = if seed % 2 == 1 { 0 } else { 1 << 20 };
+    let mut pool = Pool::open_with_backend(disk.backend(), cache, None).unwrap();
+    let mut model = Model {
+        next_token: 1,
+        ..Default::default()
+    };
+    pool.create_volume("v", SIZE).await.unwrap();
+    model
+        .heads
+        .insert(("v".into(), "main".into()), (vec![0; BLOCKS], None, false));
+    for step in 0..150 {
+        let heads: Vec<(String, String)> = model.heads.keys().cloned().collect();
+        let (volume, branch) = pick(&mut rng, &heads).clone();
+        let export = export_of(&volume, &branch);
+        let what = rng.gen_range(0..100);
+        match what {
+            0..=34 => {
+                let len = rng.gen_range(1..8usize);
+                let first = rng.gen_range(0..BLOCKS - len);
+                let mut data = Vec::new();
+                let head = model
+                    .heads
+                    .get_mut(&(volume.clone(), branch.clone()))
+                    .unwrap();
+                for i in first..first + len {
+                    let token = model.next_token;
+                    model.next_token += 1;
+                    head.0[i] = token;
+                    data.extend(block_bytes(token));
+                }
+                head.2 = true;
+                let session = pool.open_session(&export, client()).unwrap();
+                session
+                    .write(first as u64 * BLOCK_SIZE, &data, false)
+                    .await
+                    .unwrap();
+            }
+            35..=39 => {
+                let len = rng.gen_range(1..6usize);
+                let first = rng.gen_range(0..BLOCKS - len);
+                let head = model
+                    .heads
+                    .get_mut(&(volume.clone(), branch.clone()))
+                    .unwrap();
+                for i in first..first + len {
+                    head.0[i] = 0;
+                }
+                // Without history a trimmed block is simply unwritten again.
+                head.2 = head.1.is_some() || head.0.iter().any(|&t| t != 0);
+                let session = pool.open_session(&export, client()).unwrap();
+                session
+                    .trim(first as u64 * BLOCK_SIZE, len as u64 * BLOCK_SIZE, false)
+                    .await
+                    .unwrap();
+            }
+            40..=54 => {
+                let info = pool
+                    .commit(
+                        &volume,
+                        &branch,
+                        CommitRequest {
+                            message: format!("step {step}"),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let head = model
+                    .heads
+                    .get_mut(&(volume.clone(), branch.clone()))
+                    .unwrap();
+                head.1 = Some(info.id);
+                head.2 = false;
+                model
+                    .commits
+                    .insert(info.id, (volume.clone(), head.0.clone()));
+            }
+            55..=61 if model.heads.len() < 6 => {
+                let name = format!("b{step}");
+                // From the head itself (uncommitted writes included) or from a commit.
+                let commits: Vec<CommitId> = model
+                    .commits
+                    .iter()
+                    .filter(|(_, (v, _))| *v == volume)
+                    .map(|(id, _)| *id)
+                    .collect();
+                let state = if commits.is_empty() || rng.gen_bool(0.5) {
+                    pool.create_branch(&volume, &name, Some(&branch))
+                        .await
+                        .unwrap();
+                    model.heads[&(volume.clone(), branch.clone())].clone()
+                } else {
+                    let id = *pick(&mut rng, &commits);
+                    pool.create_branch(&volume, &name, Some(&id.to_hex()))
+                        .await
+                        .unwrap();
+                    (model.commits[&id].1.clone(), Some(id), false)
+                };
+                model.heads.insert((volume.clone(), name), state);
+            }
+            62..=76 => {
+                // Merge another branch's latest commit of the same volume into this one.
+                let others: Vec<String> = heads
+                    .iter()
+                    .filter(|(v, b)| *v == volume && *b != branch)
+                    .map(|(_, b)| b.clone())
+                    .collect();
+                if others.is_empty() {
+                    continue;
+                }
+                let from = pick(&mut rng, &others).clone();
+                let strategy = *pick(
+                    &mut rng,
+                    &[
+                        MergeStrategy::Fail,
+                        MergeStrategy::Ours,
+                        MergeStrategy::Theirs,
+                    ],
+                );
+                let dry_run = rng.gen_bool(0.2);
+                let request = MergeRequest {
+                    from: from.clone(),
+                    into: branch.clone(),
+                    strategy,
+                    dry_run,
+                    ..Default::default()
+                };
+                if rng.gen_bool(0.6) && model.heads[&(volume.clone(), branch.clone())].2 {
+                    // Usually commit first, so that merges happen.
+                    let info = pool
+                        .commit(
+                            &volume,
+                            &branch,
+                            CommitRequest {
+                                message: format!("before merge {step}"),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .unwrap();
+                    let head = model
+                        .heads
+                        .get_mut(&(volume.clone(), branch.clone()))
+                        .unwrap();
+                    head.1 = Some(info.id);
+                    head.2 = false;
+                    model
+                        .commits
+                        .insert(info.id, (volume.clone(), head.0.clone()));
+                }
+                let (ours_img, ours, dirty) =
+                    model.heads[&(volume.clone(), branch.clone())].clone();
+                let theirs = model.heads[&(volume.clone(), from.clone())].1;
+                let result = pool.merge(&volume, request).await;
+                let Some(theirs) = theirs else {
+                    assert!(result.is_err(), "merging a branch without commits");
+                    continue;
+                };
+                if dirty {
+                    assert!(
+                        matches!(result, Err(Error::Conflict(_))),
+                        "merging into a branch with uncommitted writes: {result:?}"
+                    );
+                    continue;
+                }
+                let report = result.unwrap();
+                let full = |id: CommitId| format!("{}@{id}", model.commits[&id].0);
+                let base = pool
+                    .merge_base(
+                        &volume,
+                        &ours.map(full).unwrap_or(branch.clone()),
+                        &full(theirs),
+                    )
+                    .unwrap();
+                let base = if ours.is_none() { None } else { base };
+                assert_eq!(report.base, base);
+                let base_img = base
+                    .map(|b| model.commits[&b].1.clone())
+                    .unwrap_or_else(|| vec![0; BLOCKS]);
+                let theirs_img = model.commits[&theirs].1.clone();
+                let mut merged = ours_img.clone();
+                let mut conflicts = Vec::new();
+                let mut taken = Vec::new();
+                for i in 0..BLOCKS {
+                    let (o, t, b) = (ours_img[i], theirs_img[i], base_img[i]);
+                    if t != b && o == b {
+                        merged[i] = t;
+                        taken.push(i as u64);
+                    } else if t != b && o != b && o != t {
+                        conflicts.push(i as u64);
+                        if strategy == MergeStrategy::Theirs {
+                            merged[i] = t;
+                            taken.push(i as u64);
+                        }
+                    }
+                }
+                let expected_outcome = if base == Some(theirs) {
+                    MergeOutcome::UpToDate
+                } else if base == ours {
+                    MergeOutcome::FastForward
+                } else if !conflicts.is_empty() && strategy == MergeStrategy::Fail {
+                    MergeOutcome::Conflicts
+                } else {
+                    MergeOutcome::Merged
+                };
+                assert_eq!(report.outcome, expected_outcome, "seed {seed} step {step}");
+                if std::env::var("GROVE_HISTORY_TRACE").is_ok() {
+                    eprintln!(
+                        "merge {expected_outcome:?} dry={dry_run} conflicts={} taken={}",
+                        conflicts.len(),
+                        taken.len()
+                    );
+                }
+                if matches!(
+                    expected_outcome,
+                    MergeOutcome::Merged | MergeOutcome::Conflicts
+                ) {
+                    let blocks = |ranges: &[ByteRange]| -> Vec<u64> {
+                        ranges
+                            .iter()
+                            .flat_map(|r| {
+                                r.offset_bytes / BLOCK_SIZE
+                                    ..(r.offset_bytes + r.len_bytes) / BLOCK_SIZE
+                            })
+                            .collect()
+                    };
+                    assert_eq!(blocks(&report.conflicts), conflicts, "conflicts");
+                    assert_eq!(blocks(&report.taken), taken, "taken");
+                }
+                if dry_run {
+                    assert!(report.commit.is_none());
+                    continue;
+                }
+                let head = model
+                    .heads
+                    .get_mut(&(volume.clone(), branch.clone()))
+                    .unwrap();
+                match expected_outcome {
+                    MergeOutcome::UpToDate | MergeOutcome::Conflicts => {}
+                    MergeOutcome::FastForward => {
+                        *head = (theirs_img, Some(theirs), false);
+                    }
+                    MergeOutcome::Merged => {
+                        let commit = report.commit.unwrap();
+                        assert_eq!(commit.parents, vec![ours.unwrap(), theirs]);
+                        *head = (merged.clone(), Some(commit.id), false);
+                        model.commits.insert(commit.id, (volume.clone(), merged));
+                    }
+                }
+            }
+            77..=81 => {
+                let commits: Vec<CommitId> = model
+                    .commits
+                    .iter()
+                    .filter(|(_, (v, _))| *v == volume)
+                    .map(|(id, _)| *id)
+                    .collect();
+                if commits.is_empty() {
+                    continue;
+                }
+                let target = *pick(&mut rng, &commits);
+                let discard = rng.gen_bool(0.7);
+                let result = pool
+                    .reset_branch(&volume, &branch, &target.to_hex(), discard)
+                    .await;
+                let head = model
+                    .heads
+                    .get_mut(&(volume.clone(), branch.clone()))
+                    .unwrap();
+                if head.2 && !discard {
+                    assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
+                } else {
+                    result.unwrap();
+                    *head = (model.commits[&target].1.clone(), Some(target), false);
+                }
+            }
+            82..=87 => {
+                let commits: Vec<CommitId> = model.commits.keys().copied().collect();
+                if commits.is_empty() {
+                    continue;
+                }
+                let id = *pick(&mut rng, &commits);
+                let needed = model.heads.values().any(|h| h.1 == Some(id));
+                let owner = model.commits[&id].0.clone();
+                let result = pool.delete_commit(&owner, &id.to_hex()).await;
+                if needed {
+                    assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
+                } else {
+                    result.unwrap();
+                    model.commits.remove(&id);
+                }
+            }
+            88..=90 if !model.heads.keys().any(|(v, _)| v.starts_with("clone")) => {
+                let name = format!("clone{step}");
+                pool.clone_volume(&export, &name).await.unwrap();
+                let state = model.heads[&(volume.clone(), branch.clone())].clone();
+                model.heads.insert((name, "main".into()), state);
+            }
+            91..=93 => {
+                pool.reclaim().await.unwrap();
+            }
+            94..=95 => {
+                // Delete a branch (not main) or a clone volume.
+                let (v, b) = pick(&mut rng, &heads).clone();
+                if v.starts_with("clone") && b == "main" {
+                    let result = pool.delete_volume(&v).await;
+                    result.unwrap();
+                    model.heads.retain(|(hv, _), _| *hv != v);
+                    model.commits.retain(|_, (cv, _)| *cv != v);
+                } else if b != "main" {
+                    pool.delete_branch(&v, &b).await.unwrap();
+                    model.heads.remove(&(v, b));
+                }
+            }
+            _ => {
+                check_diff(&pool, &model, &mut rng).await;
+            }
+        }
+        // The touched head reads as modelled.
+        if let Some((img, _, _)) = model.heads.get(&(volume.clone(), branch.clone())) {
+            assert_eq!(
+                &read_ref(&pool, &export).await,
+                img,
+                "seed {seed} step {step}: {export}"
+            );
+        }
+    }
+    check_diff(&pool, &model, &mut rng).await;
+
+    // A scan leaves in use exactly what a fresh open finds referenced.
+    pool.reclaim().await.unwrap();
+    pool.flush().await.unwrap();
+    let before = pool.stats().unwrap();
+    drop(pool);
+    pool = Pool::open_with_backend(disk.backend(), cache, None).unwrap();
+    let after = pool.stats().unwrap();
+    assert_eq!(
+        before.used_bytes, after.used_bytes,
+        "seed {seed}: data in use after a scan"
+    );
+    assert_eq!(
+        before.metadata_bytes, after.metadata_bytes,
+        "seed {seed}: metadata in use after a scan"
+    );
+    for ((v, b), (img, _, _)) in &model.heads {
+        assert_eq!(
+            &read_ref(&pool, &export_of(v, b)).await,
+            img,
+            "after reopen: {v}@{b}"
+        );
+    }
+    for (id, (v, img)) in &model.commits {
+        assert_eq!(
+            &read_ref(&pool, &format!("{v}@{id}")).await,
+            img,
+            "after reopen: {v}@{id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_matches_the_model() {
+    if let Ok(seed) = std::env::var("GROVE_HISTORY_SEED") {
+        run_seed(seed.parse().unwrap()).await;
+        return;
+    }
+    let seeds: u64 = std::env::var("GROVE_HISTORY_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
+    for seed in 0..seeds {
+        run_seed(seed).await;
+    }
+}
