@@ -107,7 +107,8 @@ struct Plan {
 }
 
 impl Pool {
-    /// Merges a ref into a branch of `volume`. The branch must have no uncommitted writes.
+    /// Merges a ref into a branch of `volume`. The branch must have no uncommitted writes and
+    /// no sessions attached (its content changes).
     pub async fn merge(&self, volume: &str, request: MergeRequest) -> Result<MergeReport> {
         let theirs = self.commit_of(volume, &request.from)?;
         let into = request.into.clone();
@@ -117,6 +118,22 @@ impl Pool {
         } else {
             Some(self.gate_head(volume, &into).await?)
         };
+        if !request.dry_run {
+            let export = ResolvedRef::Branch {
+                volume: volume.to_string(),
+                branch: into.clone(),
+            };
+            let attached = self
+                .sessions()
+                .iter()
+                .filter(|s| s.target == export)
+                .count();
+            if attached > 0 {
+                return Err(Error::Conflict(format!(
+                    "branch {into:?} of volume {volume:?} has {attached} open sessions; disconnect them before merging into it"
+                )));
+            }
+        }
         let (head_id, ours) = {
             let st = self.inner.state.lock();
             let id = st.catalog.head_id(volume, &into)?;
