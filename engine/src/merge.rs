@@ -197,7 +197,6 @@ impl Pool {
             .filter(|m| !m.trim().is_empty())
             .unwrap_or_else(|| format!("Merge {} into {into}", request.from));
         let author = request.author;
-        let v = volume.clone();
         // A failure after the map began to change leaves it half merged: the pool fails.
         let failing = self.inner.clone();
         self.inner
@@ -298,7 +297,9 @@ impl Pool {
                 Ok((ops, events))
             })
             .await?;
-        report.commit = Some(self.commit_info(&v, &commit_id.to_hex())?);
+        // A fast-forward may land on a commit of a related volume.
+        let st = self.inner.state.lock();
+        report.commit = Some(st.catalog.commit_required(&commit_id)?.info.clone());
         Ok(report)
     }
 }

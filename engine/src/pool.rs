@@ -297,17 +297,31 @@ impl Pool {
                         vol.sessions
                     )));
                 }
-                let clones: Vec<&str> = st
+                // Clones share its blocks; clones, merges and resets across volumes link
+                // other volumes' history to its commits.
+                let ours = |id: &CommitId| vol.commits.contains_key(id);
+                let dependents: Vec<&str> = st
                     .catalog
                     .volumes
                     .values()
-                    .filter(|v| v.origin.as_ref().is_some_and(|o| o.volume == name))
+                    .filter(|v| v.name != name)
+                    .filter(|v| {
+                        v.origin.as_ref().is_some_and(|o| o.volume == name)
+                            || v.commits.values().any(|c| c.info.parents.iter().any(ours))
+                            || v.branches.values().any(|id| {
+                                st.catalog
+                                    .heads
+                                    .get(id)
+                                    .and_then(|h| h.record.base)
+                                    .is_some_and(|b| ours(&b))
+                            })
+                    })
                     .map(|v| v.name.as_str())
                     .collect();
-                if !clones.is_empty() {
+                if !dependents.is_empty() {
                     return Err(Error::Conflict(format!(
-                        "volume {name:?} has clones that continue its history ({}): delete them first",
-                        clones.join(", ")
+                        "volume {name:?} has clones or volumes whose history continues from it ({}): delete them first",
+                        dependents.join(", ")
                     )));
                 }
                 // A volume that is no clone shares nothing with any other: all its space goes

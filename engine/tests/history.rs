@@ -334,3 +334,39 @@ async fn scans_beside_io_free_nothing_live() {
     assert_eq!(pool.stats().unwrap().metadata_bytes, stats.metadata_bytes);
     check(pool, images).await;
 }
+
+#[tokio::test]
+async fn a_clone_merges_back_and_then_is_needed() {
+    let (_disk, pool) = sim_pool();
+    pool.create_volume("v", 64 * BLOCK_SIZE).await.unwrap();
+    write_blocks(&pool, "v", 0, 4, 1).await;
+    pool.commit("v", "main", msg("base")).await.unwrap();
+    pool.clone_volume("v", "c").await.unwrap();
+    write_blocks(&pool, "c", 10, 2, 2).await;
+    let on_clone = pool.commit("c", "main", msg("on the clone")).await.unwrap();
+    let report = pool
+        .merge(
+            "v",
+            MergeRequest {
+                from: "c@main".into(),
+                into: "main".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, MergeOutcome::FastForward);
+    assert_eq!(
+        pool.branch("v", "main").unwrap().head_commit,
+        Some(on_clone.id)
+    );
+    let s = pool.open_session("v", client()).unwrap();
+    assert_eq!(s.read(10 * BLOCK_SIZE, 4096).await.unwrap(), vec![2; 4096]);
+    drop(s);
+    // v's history now continues from c's commit: c cannot go.
+    assert!(matches!(
+        pool.delete_volume("c").await,
+        Err(Error::Conflict(_))
+    ));
+    assert_eq!(pool.log("v", None).unwrap().len(), 2);
+}
