@@ -75,6 +75,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
 
     let pool = open_pool(&config).await?;
+    // Scans once now, so that space figures exist, then after deletes, resets and clones.
+    // The task ends when the pool is dropped.
+    let _reclaimer = pool.spawn_reclaimer();
 
     let nbd_listener = TcpListener::bind(config.nbd_listen)
         .await

@@ -12,6 +12,8 @@ use grove_engine::Error as EngineError;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::model::ByteRange;
+
 /// An error as the API reports it: an HTTP status, a stable machine-readable code and a message
 /// for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// For a merge refused on conflicts: the conflicting ranges.
+    pub conflicts: Option<Vec<ByteRange>>,
 }
 
 /// The body of every error response.
@@ -34,10 +38,14 @@ pub struct ErrorDetail {
     /// Stable code: `not_found`, `already_exists`, `invalid_argument`, `invalid_request`,
     /// `ambiguous`, `conflict`, `read_only`, `out_of_range`, `no_space`, `corrupt`, `io_error`,
     /// `poisoned`, `closed`, `not_ready`, `unsupported_media_type`, `payload_too_large`,
-    /// `method_not_allowed`, `internal`.
+    /// `method_not_allowed`, `merge_conflict`, `internal`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
+    /// Only with code `merge_conflict`: the byte ranges both sides changed to different
+    /// content, in order. Absent from every other error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<Vec<ByteRange>>,
 }
 
 impl ApiError {
@@ -46,6 +54,15 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            conflicts: None,
+        }
+    }
+
+    /// A merge with strategy `fail` met conflicts and changed nothing: 409 with the ranges.
+    pub fn merge_conflict(message: impl Into<String>, conflicts: Vec<ByteRange>) -> Self {
+        ApiError {
+            conflicts: Some(conflicts),
+            ..ApiError::new(StatusCode::CONFLICT, "merge_conflict", message)
         }
     }
 
@@ -72,6 +89,7 @@ impl ApiError {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message.clone(),
+                conflicts: self.conflicts.clone(),
             },
         }
     }
@@ -110,6 +128,7 @@ impl From<EngineError> for ApiError {
             status,
             code,
             message,
+            conflicts: None,
         }
     }
 }
@@ -291,5 +310,25 @@ mod tests {
             body,
             serde_json::json!({"error": {"code": "not_found", "message": "volume \"x\" not found"}})
         );
+    }
+
+    #[test]
+    fn merge_conflicts_carry_their_ranges() {
+        let conflict = ApiError::merge_conflict(
+            "two ranges conflict",
+            vec![ByteRange {
+                offset_bytes: 4096,
+                len_bytes: 8192,
+            }],
+        );
+        assert_eq!(conflict.status, StatusCode::CONFLICT);
+        let body = serde_json::to_value(conflict.body()).expect("serializable");
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"code": "merge_conflict", "message": "two ranges conflict",
+                "conflicts": [{"offset_bytes": 4096, "len_bytes": 8192}]}})
+        );
+        let parsed: ErrorBody = serde_json::from_value(body).expect("parses back");
+        assert_eq!(parsed, conflict.body());
     }
 }

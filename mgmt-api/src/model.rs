@@ -25,7 +25,10 @@ pub struct Volume {
     pub commits: u64,
     pub tags: u64,
     /// Bytes of pool space the volume's live refs map (blocks shared between refs count once).
+    /// For a clone this starts as its source's figure and is corrected by the next space scan.
     pub written_bytes: u64,
+    /// For a clone: the ref it was cloned from. Null for a volume created empty.
+    pub origin: Option<VolumeOrigin>,
 }
 
 impl From<engine::VolumeInfo> for Volume {
@@ -38,8 +41,191 @@ impl From<engine::VolumeInfo> for Volume {
             commits: info.commits as u64,
             tags: info.tags as u64,
             written_bytes: info.written_bytes,
+            origin: info.origin.map(VolumeOrigin::from),
         }
     }
+}
+
+/// Where a cloned volume came from.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VolumeOrigin {
+    /// The source volume.
+    pub volume: String,
+    /// The source ref in canonical form: `VOL`, `VOL@BRANCH`, `VOL@TAG` or `VOL@COMMIT`.
+    #[schema(example = "vm-1@v1.0")]
+    pub source: String,
+    /// The commit the clone's history continues from; null for a source with no commits.
+    pub commit: Option<String>,
+}
+
+impl From<engine::VolumeOrigin> for VolumeOrigin {
+    fn from(origin: engine::VolumeOrigin) -> Self {
+        VolumeOrigin {
+            volume: origin.volume,
+            source: origin.source,
+            commit: origin.commit.map(|id| id.to_hex()),
+        }
+    }
+}
+
+/// A volume with the space figures of the latest space scan.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VolumeDetail {
+    #[serde(flatten)]
+    pub volume: Volume,
+    /// What the volume's refs hold, as of the latest space scan; null until a scan has seen
+    /// the volume (scans run when grove starts, after deletes, resets and clones, and on
+    /// `POST /v1/pool/reclaim`).
+    pub space: Option<VolumeSpaceScan>,
+}
+
+/// Space figures of one volume, as of one space scan.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VolumeSpaceScan {
+    /// The sync point (generation) the scan measured.
+    pub generation: u64,
+    /// When the scan ran, in seconds since the Unix epoch.
+    pub computed_unix: u64,
+    /// Data bytes the volume's refs map, blocks shared between refs counted once.
+    pub referenced_bytes: u64,
+    /// Data and metadata bytes no other volume references: what deleting the volume frees.
+    pub exclusive_bytes: u64,
+    /// Per branch: data and metadata bytes only that branch head references (what deleting
+    /// the branch frees).
+    pub branches: BTreeMap<String, u64>,
+    /// Per commit id: data and metadata bytes only that commit references (what deleting the
+    /// commit frees).
+    pub commits: BTreeMap<String, u64>,
+}
+
+impl VolumeSpaceScan {
+    pub fn new(report: &engine::SpaceReport, space: &engine::VolumeSpace) -> Self {
+        VolumeSpaceScan {
+            generation: report.generation,
+            computed_unix: report.computed_unix,
+            referenced_bytes: space.referenced_bytes,
+            exclusive_bytes: space.exclusive_bytes,
+            branches: space.branches.clone(),
+            commits: commit_figures(&space.commits),
+        }
+    }
+}
+
+fn commit_figures(commits: &BTreeMap<engine::CommitId, u64>) -> BTreeMap<String, u64> {
+    commits
+        .iter()
+        .map(|(id, bytes)| (id.to_hex(), *bytes))
+        .collect()
+}
+
+/// What a volume's refs hold, as of a space scan.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VolumeSpace {
+    /// Data bytes the volume's refs map, blocks shared between refs counted once.
+    pub referenced_bytes: u64,
+    /// Data and metadata bytes no other volume references: what deleting the volume frees.
+    pub exclusive_bytes: u64,
+    /// Per branch: data and metadata bytes only that branch head references.
+    pub branches: BTreeMap<String, u64>,
+    /// Per commit id: data and metadata bytes only that commit references.
+    pub commits: BTreeMap<String, u64>,
+}
+
+impl From<&engine::VolumeSpace> for VolumeSpace {
+    fn from(space: &engine::VolumeSpace) -> Self {
+        VolumeSpace {
+            referenced_bytes: space.referenced_bytes,
+            exclusive_bytes: space.exclusive_bytes,
+            branches: space.branches.clone(),
+            commits: commit_figures(&space.commits),
+        }
+    }
+}
+
+/// The result of a space scan: what it returned to the pool and what each volume holds.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct SpaceReport {
+    /// The sync point (generation) the scan measured.
+    pub generation: u64,
+    /// When the scan ran, in seconds since the Unix epoch.
+    pub computed_unix: u64,
+    /// Bytes the scan found unreferenced and returned to the pool.
+    pub reclaimed_bytes: u64,
+    /// Per volume name.
+    pub volumes: BTreeMap<String, VolumeSpace>,
+}
+
+impl From<engine::SpaceReport> for SpaceReport {
+    fn from(report: engine::SpaceReport) -> Self {
+        SpaceReport {
+            generation: report.generation,
+            computed_unix: report.computed_unix,
+            reclaimed_bytes: report.reclaimed_bytes,
+            volumes: report
+                .volumes
+                .iter()
+                .map(|(name, space)| (name.clone(), VolumeSpace::from(space)))
+                .collect(),
+        }
+    }
+}
+
+/// Per-volume totals of a space scan, as `GET /v1/pool` shows them.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct VolumeSpaceTotals {
+    /// Data bytes the volume's refs map, blocks shared between refs counted once.
+    pub referenced_bytes: u64,
+    /// Data and metadata bytes no other volume references: what deleting the volume frees.
+    pub exclusive_bytes: u64,
+}
+
+/// The latest space scan of the pool, in totals per volume.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct PoolSpace {
+    /// The sync point (generation) the scan measured.
+    pub generation: u64,
+    /// When the scan ran, in seconds since the Unix epoch.
+    pub computed_unix: u64,
+    /// Bytes that scan found unreferenced and returned to the pool.
+    pub reclaimed_bytes: u64,
+    /// Per volume name.
+    pub volumes: BTreeMap<String, VolumeSpaceTotals>,
+}
+
+impl From<&engine::SpaceReport> for PoolSpace {
+    fn from(report: &engine::SpaceReport) -> Self {
+        PoolSpace {
+            generation: report.generation,
+            computed_unix: report.computed_unix,
+            reclaimed_bytes: report.reclaimed_bytes,
+            volumes: report
+                .volumes
+                .iter()
+                .map(|(name, space)| {
+                    let totals = VolumeSpaceTotals {
+                        referenced_bytes: space.referenced_bytes,
+                        exclusive_bytes: space.exclusive_bytes,
+                    };
+                    (name.clone(), totals)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Body of `POST /v1/volumes/{vol}/clones`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClone {
+    /// Name of the new volume: 1-63 lowercase letters, digits and '-'.
+    #[schema(example = "vm-2")]
+    pub name: String,
+    /// What to clone: a branch (its head, uncommitted writes included), tag, or commit id (or
+    /// unique prefix) of the source volume, or a full ref `VOL@NAME` naming it. Defaults to
+    /// `main`.
+    #[serde(default, rename = "ref")]
+    #[schema(rename = "ref", example = "v1.0")]
+    pub source: Option<String>,
 }
 
 /// Body of `POST /v1/volumes`.
@@ -213,18 +399,345 @@ pub struct PoolStatus {
     pub metadata_bytes: u64,
     /// The disk I/O backend in use: "io_uring", "threads" or "sim".
     pub io_backend: String,
+    /// The latest space scan; null before the first one has finished.
+    pub space: Option<PoolSpace>,
 }
 
-impl From<engine::PoolStats> for PoolStatus {
-    fn from(stats: engine::PoolStats) -> Self {
+impl PoolStatus {
+    pub fn new(stats: engine::PoolStats, space: Option<&engine::SpaceReport>) -> Self {
         PoolStatus {
             capacity_bytes: stats.capacity_bytes,
             used_bytes: stats.used_bytes,
             free_bytes: stats.free_bytes,
             metadata_bytes: stats.metadata_bytes,
             io_backend: stats.io_backend,
+            space: space.map(PoolSpace::from),
         }
     }
+}
+
+/// A range of bytes.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ByteRange {
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+}
+
+impl From<engine::ByteRange> for ByteRange {
+    fn from(range: engine::ByteRange) -> Self {
+        ByteRange {
+            offset_bytes: range.offset_bytes,
+            len_bytes: range.len_bytes,
+        }
+    }
+}
+
+/// What kind of thing a ref names.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RefKind {
+    Branch,
+    Tag,
+    Commit,
+}
+
+/// A ref as the server resolved it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ResolvedRef {
+    /// Canonical name: `VOL` for the main branch, else `VOL@BRANCH`, `VOL@TAG` or
+    /// `VOL@COMMIT` (full id).
+    #[schema(example = "vm-1@dev")]
+    pub name: String,
+    pub kind: RefKind,
+    pub volume: String,
+    /// For a branch: its name.
+    pub branch: Option<String>,
+    /// For a tag: its name.
+    pub tag: Option<String>,
+    /// For a tag or a commit: the commit id. Null for a branch, whose head may hold
+    /// uncommitted writes.
+    pub commit: Option<String>,
+}
+
+impl From<engine::ResolvedRef> for ResolvedRef {
+    fn from(resolved: engine::ResolvedRef) -> Self {
+        let name = resolved.canonical_name();
+        match resolved {
+            engine::ResolvedRef::Branch { volume, branch } => ResolvedRef {
+                name,
+                kind: RefKind::Branch,
+                volume,
+                branch: Some(branch),
+                tag: None,
+                commit: None,
+            },
+            engine::ResolvedRef::Tag {
+                volume,
+                tag,
+                commit,
+            } => ResolvedRef {
+                name,
+                kind: RefKind::Tag,
+                volume,
+                branch: None,
+                tag: Some(tag),
+                commit: Some(commit.to_hex()),
+            },
+            engine::ResolvedRef::Commit { volume, commit } => ResolvedRef {
+                name,
+                kind: RefKind::Commit,
+                volume,
+                branch: None,
+                tag: None,
+                commit: Some(commit.to_hex()),
+            },
+        }
+    }
+}
+
+/// Query of `GET /v1/volumes/{vol}/diff`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DiffQuery {
+    /// The old side: a branch, tag, or commit id (or unique prefix) of the volume, or a full
+    /// ref `VOL@NAME` of the volume or of a volume sharing its history (a clone or a source).
+    #[param(example = "v1.0")]
+    pub from: String,
+    /// The new side, given like `from`. A branch includes its uncommitted writes.
+    #[param(example = "main")]
+    pub to: String,
+    /// Most extents to list: 1 to 1000000, default 100000. The counts always cover the whole
+    /// diff; `extents_truncated` says whether the list was cut.
+    #[param(minimum = 1, maximum = 1000000)]
+    pub limit: Option<usize>,
+}
+
+/// The blocks that differ between two refs, as coalesced byte ranges.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DiffReport {
+    pub from: ResolvedRef,
+    pub to: ResolvedRef,
+    /// The unit of change: 4096 bytes.
+    pub block_size_bytes: u64,
+    /// Changed ranges in order, adjacent blocks coalesced.
+    pub extents: Vec<ByteRange>,
+    /// Changed ranges in all (the length of `extents` unless it was cut by `limit`).
+    pub extent_count: u64,
+    /// Whether `extents` lists fewer ranges than `extent_count`.
+    pub extents_truncated: bool,
+    pub changed_bytes: u64,
+    pub changed_blocks: u64,
+    /// Blocks the history marked as possibly changed, which the diff checked: what it cost.
+    pub candidate_blocks: u64,
+    /// How to read the figures.
+    pub note: String,
+}
+
+/// What `DiffReport.note` says.
+pub const DIFF_NOTE: &str = "a block differs when the two refs map it to different data; a block \
+    rewritten with identical content may be reported as changed";
+
+/// Query of `GET /v1/volumes/{vol}/blame`.
+#[derive(Clone, Debug, Serialize, Deserialize, IntoParams, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BlameQuery {
+    /// The ref whose content is explained: a branch, tag, or commit id (or unique prefix) of
+    /// the volume, or a full ref `VOL@NAME` naming it. Defaults to `main`.
+    #[serde(default, rename = "ref")]
+    #[param(rename = "ref", example = "main")]
+    pub reference: Option<String>,
+    /// Where the range starts: bytes, or a size such as "1MiB".
+    #[param(value_type = String, example = "0")]
+    pub offset: ByteSize,
+    /// Length of the range: bytes, or a size such as "64KiB". Offset plus length must not pass
+    /// the end of the volume.
+    #[param(value_type = String, example = "1MiB")]
+    pub length: ByteSize,
+}
+
+/// Whose content a blamed range holds.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BlameState {
+    /// Written by the commit given in `commit`.
+    Committed,
+    /// Written on the branch head since its latest commit.
+    Uncommitted,
+    /// Never written since the volume was created: reads as zeros.
+    NeverWritten,
+}
+
+/// A part of the blamed range and who last wrote it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct BlameRange {
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    pub state: BlameState,
+    /// The commit that wrote the range (state `committed`); null otherwise.
+    pub commit: Option<Commit>,
+}
+
+impl From<engine::BlameRange> for BlameRange {
+    fn from(range: engine::BlameRange) -> Self {
+        let (state, commit) = match range.source {
+            engine::BlameSource::Committed { commit } => {
+                (BlameState::Committed, Some(Commit::from(commit)))
+            }
+            engine::BlameSource::Uncommitted => (BlameState::Uncommitted, None),
+            engine::BlameSource::NeverWritten => (BlameState::NeverWritten, None),
+        };
+        BlameRange {
+            offset_bytes: range.offset_bytes,
+            len_bytes: range.len_bytes,
+            state,
+            commit,
+        }
+    }
+}
+
+/// Answer of `GET /v1/volumes/{vol}/blame`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct BlameReport {
+    /// The ref whose content is explained.
+    #[serde(rename = "ref")]
+    #[schema(rename = "ref")]
+    pub target: ResolvedRef,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    /// The range cut into parts by who last wrote them, in order, covering it exactly.
+    pub ranges: Vec<BlameRange>,
+}
+
+/// What a merge does with blocks both sides changed to different content.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeStrategy {
+    /// Change nothing and report the conflicting ranges (409, or 200 on a dry run).
+    #[default]
+    Fail,
+    /// Keep the branch's content.
+    Ours,
+    /// Take the merged side's content.
+    Theirs,
+}
+
+impl From<MergeStrategy> for engine::MergeStrategy {
+    fn from(strategy: MergeStrategy) -> Self {
+        match strategy {
+            MergeStrategy::Fail => engine::MergeStrategy::Fail,
+            MergeStrategy::Ours => engine::MergeStrategy::Ours,
+            MergeStrategy::Theirs => engine::MergeStrategy::Theirs,
+        }
+    }
+}
+
+/// Body of `POST /v1/volumes/{vol}/merges`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMerge {
+    /// What to merge: a commit, a tag, or a branch (its latest commit; uncommitted writes on
+    /// it are not merged) of the volume, or a full ref `VOL@NAME` of the volume or of a volume
+    /// sharing its history.
+    #[schema(example = "feature/resize")]
+    pub from: String,
+    /// The branch of this volume to merge into. It must have no uncommitted writes and no
+    /// open sessions.
+    #[schema(example = "main")]
+    pub into: String,
+    #[serde(default)]
+    pub strategy: MergeStrategy,
+    /// Report what the merge would do and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Message of the merge commit, 1 to 65536 bytes; default "Merge FROM into INTO".
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Author of the merge commit; 1 to 256 bytes without control characters.
+    #[serde(default)]
+    pub author: Option<String>,
+}
+
+/// What a merge did, or would do on a dry run.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeOutcome {
+    /// The merged commit is already in the branch's history: nothing to do.
+    UpToDate,
+    /// The branch's latest commit is an ancestor of the merged one: the head moves to it.
+    FastForward,
+    /// A merge commit with two parents.
+    Merged,
+    /// Strategy `fail` met conflicts: nothing changed (only seen on a dry run; a real merge
+    /// answers 409 `merge_conflict`).
+    Conflicts,
+}
+
+/// The report of a merge.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct MergeReport {
+    pub outcome: MergeOutcome,
+    pub dry_run: bool,
+    pub volume: String,
+    /// The branch merged into.
+    pub into: String,
+    /// The commit merged in.
+    pub from_commit: String,
+    /// The branch's latest commit before the merge; null for a branch with no commits.
+    pub ours_commit: Option<String>,
+    /// Their nearest common ancestor; null when only the empty volume is.
+    pub base: Option<String>,
+    /// The merge commit made, or the commit fast-forwarded to; null on a dry run, when up to
+    /// date, or on conflicts.
+    pub commit: Option<Commit>,
+    /// Ranges taken from the merged side.
+    pub taken: Vec<ByteRange>,
+    pub taken_bytes: u64,
+    /// Ranges both sides changed to different content (settled by the strategy unless it is
+    /// `fail`).
+    pub conflicts: Vec<ByteRange>,
+    pub conflict_bytes: u64,
+}
+
+impl From<engine::MergeReport> for MergeReport {
+    fn from(report: engine::MergeReport) -> Self {
+        MergeReport {
+            outcome: match report.outcome {
+                engine::MergeOutcome::UpToDate => MergeOutcome::UpToDate,
+                engine::MergeOutcome::FastForward => MergeOutcome::FastForward,
+                engine::MergeOutcome::Merged => MergeOutcome::Merged,
+                engine::MergeOutcome::Conflicts => MergeOutcome::Conflicts,
+            },
+            dry_run: report.dry_run,
+            volume: report.volume,
+            into: report.into,
+            from_commit: report.from_commit.to_hex(),
+            ours_commit: report.ours_commit.map(|id| id.to_hex()),
+            base: report.base.map(|id| id.to_hex()),
+            commit: report.commit.map(Commit::from),
+            taken: report.taken.into_iter().map(ByteRange::from).collect(),
+            taken_bytes: report.taken_bytes,
+            conflicts: report.conflicts.into_iter().map(ByteRange::from).collect(),
+            conflict_bytes: report.conflict_bytes,
+        }
+    }
+}
+
+/// Body of `POST /v1/volumes/{vol}/branches/{branch}/reset`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ResetBranch {
+    /// The commit the branch head moves to: a commit, a tag, or a branch (its latest commit)
+    /// of the volume, or a full ref `VOL@NAME` of the volume or of a volume sharing its
+    /// history.
+    #[schema(example = "v1.0")]
+    pub to: String,
+    /// Throw away writes made on the head since its latest commit. Without it, a head with
+    /// uncommitted writes is refused (409).
+    #[serde(default)]
+    pub discard_uncommitted: bool,
 }
 
 /// What a session's export name resolved to.

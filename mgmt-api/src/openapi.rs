@@ -12,13 +12,15 @@ use crate::routes;
     info(
         title = "grove",
         description = "Control plane of grove, a block-device versioning appliance: volumes, \
-            branches, commits, tags, sessions and pool status.\n\n\
+            clones, branches, commits, tags, diffs, merges, blame, sessions and pool status.\n\n\
             Errors are JSON `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}` with a 4xx or \
-            5xx status.\n\n\
+            5xx status. A merge refused on conflicts (409, code `merge_conflict`) also lists the \
+            conflicting byte ranges in `error.conflicts`.\n\n\
             Branch and tag names may contain '/'. In a path segment, send it percent-encoded as \
             %2F: `/v1/volumes/vm/branches/feature%2Fx`. Refs in bodies and query strings are \
             names within the volume (a branch, tag, or commit id or unique prefix), or full refs \
-            `VOL@NAME` naming the same volume.",
+            `VOL@NAME` naming the same volume; diff, merge and reset also take full refs of a \
+            volume sharing its history (a clone or a clone's source).",
         license(name = "Apache-2.0")
     ),
     tags(
@@ -26,8 +28,9 @@ use crate::routes;
         (name = "branches", description = "Writable heads of a volume"),
         (name = "commits", description = "Immutable snapshots and history"),
         (name = "tags", description = "Names for commits"),
+        (name = "history", description = "Diffs, blame and merges"),
         (name = "sessions", description = "Live NBD and iSCSI sessions"),
-        (name = "pool", description = "Pool capacity and use"),
+        (name = "pool", description = "Pool capacity, use and space reclamation"),
         (name = "health", description = "Liveness, readiness and this document"),
     )
 )]
@@ -62,18 +65,26 @@ mod tests {
         ("get", "/readyz"),
         ("get", "/v1/openapi.json"),
         ("get", "/v1/pool"),
+        ("post", "/v1/pool/reclaim"),
         ("get", "/v1/sessions"),
         ("get", "/v1/volumes"),
         ("post", "/v1/volumes"),
         ("get", "/v1/volumes/{vol}"),
         ("delete", "/v1/volumes/{vol}"),
+        ("get", "/v1/volumes/{vol}/clones"),
+        ("post", "/v1/volumes/{vol}/clones"),
         ("get", "/v1/volumes/{vol}/branches"),
         ("post", "/v1/volumes/{vol}/branches"),
         ("get", "/v1/volumes/{vol}/branches/{branch}"),
         ("delete", "/v1/volumes/{vol}/branches/{branch}"),
         ("post", "/v1/volumes/{vol}/branches/{branch}/commits"),
+        ("post", "/v1/volumes/{vol}/branches/{branch}/reset"),
         ("get", "/v1/volumes/{vol}/commits/{id}"),
+        ("delete", "/v1/volumes/{vol}/commits/{id}"),
         ("get", "/v1/volumes/{vol}/log"),
+        ("get", "/v1/volumes/{vol}/diff"),
+        ("get", "/v1/volumes/{vol}/blame"),
+        ("post", "/v1/volumes/{vol}/merges"),
         ("get", "/v1/volumes/{vol}/tags"),
         ("post", "/v1/volumes/{vol}/tags"),
         ("get", "/v1/volumes/{vol}/tags/{tag}"),
@@ -132,6 +143,37 @@ mod tests {
             .map(|p| p["name"].as_str().unwrap_or_default().to_string())
             .collect::<BTreeSet<_>>();
         assert_eq!(log_params, ["limit", "ref", "vol"].map(String::from).into());
+        let query_params = |path: &str| {
+            document["paths"][path]["get"]["parameters"]
+                .as_array()
+                .expect("parameters")
+                .iter()
+                .map(|p| p["name"].as_str().unwrap_or_default().to_string())
+                .collect::<BTreeSet<_>>()
+        };
+        assert_eq!(
+            query_params("/v1/volumes/{vol}/diff"),
+            ["from", "limit", "to", "vol"].map(String::from).into()
+        );
+        assert_eq!(
+            query_params("/v1/volumes/{vol}/blame"),
+            ["length", "offset", "ref", "vol"].map(String::from).into()
+        );
+    }
+
+    #[test]
+    fn merge_conflicts_are_documented() {
+        let document = document();
+        let detail = &document["components"]["schemas"]["ErrorDetail"];
+        assert!(detail["properties"]["conflicts"].is_object(), "{detail}");
+        let responses = &document["paths"]["/v1/volumes/{vol}/merges"]["post"]["responses"];
+        for status in ["200", "400", "404", "409"] {
+            assert!(responses[status].is_object(), "merge response {status}");
+        }
+        assert!(responses["409"]["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("merge_conflict"));
     }
 
     #[test]
@@ -151,6 +193,24 @@ mod tests {
             "Tag",
             "CreateTag",
             "PoolStatus",
+            "PoolSpace",
+            "VolumeDetail",
+            "VolumeOrigin",
+            "VolumeSpace",
+            "VolumeSpaceScan",
+            "VolumeSpaceTotals",
+            "SpaceReport",
+            "CreateClone",
+            "ResetBranch",
+            "ByteRange",
+            "ResolvedRef",
+            "DiffReport",
+            "BlameReport",
+            "BlameRange",
+            "CreateMerge",
+            "MergeStrategy",
+            "MergeReport",
+            "MergeOutcome",
             "Session",
             "SessionTarget",
             "SessionClient",

@@ -2,11 +2,12 @@
 //! 400 error whose message names the value and what is accepted.
 
 use grove_engine::{
-    self as engine, CommitRequest, RefSpec, BLOCK_SIZE, MAIN_BRANCH, VOLUME_SIZE_MAX_BYTES,
+    self as engine, CommitRequest, MergeRequest, RefSpec, BLOCK_SIZE, MAIN_BRANCH,
+    VOLUME_SIZE_MAX_BYTES,
 };
 
 use crate::error::ApiError;
-use crate::model::CreateCommit;
+use crate::model::{CreateCommit, CreateMerge};
 use crate::size::{format_size, ByteSize};
 
 /// Longest commit message accepted.
@@ -25,6 +26,10 @@ pub const LOG_LIMIT_DEFAULT: usize = 1000;
 pub const LOG_LIMIT_MAX: usize = 10_000;
 /// Length of a full commit id in hex digits.
 pub const COMMIT_ID_LEN_HEX: usize = 32;
+/// Extents a diff lists when the request gives no limit.
+pub const DIFF_EXTENTS_LIMIT_DEFAULT: usize = 100_000;
+/// Most extents one diff request may ask for.
+pub const DIFF_EXTENTS_LIMIT_MAX: usize = 1_000_000;
 
 pub fn volume_name(name: &str) -> Result<(), ApiError> {
     Ok(engine::validate_volume_name(name)?)
@@ -67,6 +72,22 @@ pub fn ref_in_volume(volume: &str, reference: &str) -> Result<String, ApiError> 
     }
 }
 
+/// A ref given in the context of `volume` to an operation that may reach a volume sharing its
+/// history (a clone or a clone's source): `NAME` (a branch, tag or commit of `volume`, or a
+/// bare volume name for its main branch) or a full `VOL@NAME` of any volume. The engine
+/// resolves it and refuses volumes with no shared history.
+pub fn ref_in_context(volume: &str, reference: &str) -> Result<String, ApiError> {
+    engine::validate_volume_name(volume)?;
+    if reference.contains('@') {
+        let spec = RefSpec::parse(reference)?;
+        let name = spec.name.as_deref().unwrap_or(MAIN_BRANCH);
+        Ok(format!("{}@{name}", spec.volume))
+    } else {
+        engine::validate_ref_name("ref", reference)?;
+        Ok(reference.to_string())
+    }
+}
+
 /// A full commit id or a prefix of one: 1-32 hex digits, returned in lowercase.
 pub fn commit_id_prefix(id: &str) -> Result<String, ApiError> {
     let ok =
@@ -106,13 +127,7 @@ fn has_control_characters(text: &str) -> bool {
     text.chars().any(char::is_control)
 }
 
-/// A commit request within its bounds.
-pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> {
-    let CreateCommit {
-        message,
-        author,
-        meta,
-    } = request;
+fn commit_message(message: &str) -> Result<(), ApiError> {
     if message.trim().is_empty() {
         return Err(ApiError::invalid_argument(
             "the commit message must not be empty",
@@ -124,7 +139,11 @@ pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> 
             message.len()
         )));
     }
-    if let Some(author) = &author {
+    Ok(())
+}
+
+fn commit_author(author: Option<&str>) -> Result<(), ApiError> {
+    if let Some(author) = author {
         let ok = (1..=COMMIT_AUTHOR_LEN_MAX_BYTES).contains(&author.len())
             && !has_control_characters(author);
         if !ok {
@@ -133,6 +152,18 @@ pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> 
             )));
         }
     }
+    Ok(())
+}
+
+/// A commit request within its bounds.
+pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> {
+    let CreateCommit {
+        message,
+        author,
+        meta,
+    } = request;
+    commit_message(&message)?;
+    commit_author(author.as_deref())?;
     if meta.len() > COMMIT_META_ENTRIES_MAX {
         return Err(ApiError::invalid_argument(format!(
             "{} metadata entries; the limit is {COMMIT_META_ENTRIES_MAX}",
@@ -162,6 +193,43 @@ pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> 
         author,
         meta,
     })
+}
+
+/// A merge request within its bounds, its refs checked for syntax (the engine resolves them).
+pub fn merge_request(volume: &str, request: CreateMerge) -> Result<MergeRequest, ApiError> {
+    let CreateMerge {
+        from,
+        into,
+        strategy,
+        dry_run,
+        message,
+        author,
+    } = request;
+    let from = ref_in_context(volume, &from)?;
+    branch_name(&into)?;
+    if let Some(message) = &message {
+        commit_message(message)?;
+    }
+    commit_author(author.as_deref())?;
+    Ok(MergeRequest {
+        from,
+        into,
+        strategy: strategy.into(),
+        dry_run,
+        message,
+        author,
+    })
+}
+
+/// The number of extents a `diff` request lists.
+pub fn diff_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DIFF_EXTENTS_LIMIT_DEFAULT),
+        Some(limit) if (1..=DIFF_EXTENTS_LIMIT_MAX).contains(&limit) => Ok(limit),
+        Some(limit) => Err(ApiError::invalid_argument(format!(
+            "invalid limit {limit}: use 1-{DIFF_EXTENTS_LIMIT_MAX}"
+        ))),
+    }
 }
 
 /// The number of commits a `log` request returns.
@@ -217,6 +285,49 @@ mod tests {
         assert!(ref_in_volume("vm", "vm@").is_err());
         assert!(ref_in_volume("vm", "a b").is_err());
         assert!(ref_in_volume("vm", "vm@a@b").is_err());
+    }
+
+    #[test]
+    fn refs_in_context_may_name_other_volumes() {
+        assert_eq!(ref_in_context("vm", "dev/1").unwrap(), "dev/1");
+        assert_eq!(ref_in_context("vm", "vm@snap").unwrap(), "vm@snap");
+        assert_eq!(ref_in_context("vm", "clone-1@v1").unwrap(), "clone-1@v1");
+        assert_eq!(ref_in_context("vm", "other").unwrap(), "other");
+        for bad in ["", "vm@", "a b", "vm@a@b", "VM@x", "@x"] {
+            assert!(ref_in_context("vm", bad).is_err(), "{bad:?}");
+        }
+        assert!(ref_in_context("VM", "main").is_err());
+    }
+
+    #[test]
+    fn merge_requests() {
+        let request = |from: &str, into: &str| CreateMerge {
+            from: from.into(),
+            into: into.into(),
+            strategy: Default::default(),
+            dry_run: false,
+            message: None,
+            author: None,
+        };
+        let merge = merge_request("vm", request("dev", "main")).unwrap();
+        assert_eq!((merge.from.as_str(), merge.into.as_str()), ("dev", "main"));
+        assert_eq!(merge.strategy, engine::MergeStrategy::Fail);
+        assert!(merge_request("vm", request("dev", "a b")).is_err());
+        assert!(merge_request("vm", request("a b", "main")).is_err());
+        let mut bad = request("dev", "main");
+        bad.message = Some(" ".into());
+        assert!(merge_request("vm", bad).is_err());
+        let mut bad = request("dev", "main");
+        bad.author = Some("a\tb".into());
+        assert!(merge_request("vm", bad).is_err());
+    }
+
+    #[test]
+    fn diff_limits() {
+        assert_eq!(diff_limit(None).unwrap(), DIFF_EXTENTS_LIMIT_DEFAULT);
+        assert_eq!(diff_limit(Some(1)).unwrap(), 1);
+        assert!(diff_limit(Some(0)).is_err());
+        assert!(diff_limit(Some(DIFF_EXTENTS_LIMIT_MAX + 1)).is_err());
     }
 
     #[test]

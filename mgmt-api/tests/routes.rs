@@ -719,3 +719,918 @@ async fn unknown_routes_and_methods_answer_in_json() {
         .await
         .expect_error(StatusCode::BAD_REQUEST, "invalid_request");
 }
+
+// ---------------------------------------------------------------------------------------------
+// History: diff, blame, merges, reset, commit deletion, clones and space.
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+impl Api {
+    /// Writes `len` bytes of `byte` at `offset` through an engine session on `export`.
+    async fn write(&self, export: &str, offset: u64, byte: u8, len: u64) {
+        let session = self.session(export);
+        session
+            .write(offset, &vec![byte; len as usize], true)
+            .await
+            .expect("write");
+    }
+
+    /// Reads `len` bytes at `offset` of `export`.
+    async fn read(&self, export: &str, offset: u64, len: u64) -> Vec<u8> {
+        self.session(export).read(offset, len).await.expect("read")
+    }
+
+    #[track_caller]
+    fn session(&self, export: &str) -> std::sync::Arc<grove_engine::Session> {
+        let client = grove_engine::SessionClient {
+            protocol: "test".into(),
+            address: "local".into(),
+        };
+        self.pool
+            .open_session(export, client)
+            .expect("open session")
+    }
+
+    async fn branch(&self, volume: &str, name: &str, from: &str) {
+        self.post(
+            &format!("/v1/volumes/{volume}/branches"),
+            json!({"name": name, "from": from}),
+        )
+        .await
+        .expect(StatusCode::CREATED);
+    }
+
+    async fn head_of(&self, volume: &str, branch: &str) -> Value {
+        let branch = branch.replace('/', "%2F");
+        self.get(&format!("/v1/volumes/{volume}/branches/{branch}"))
+            .await
+            .expect(StatusCode::OK)
+    }
+}
+
+fn ranges(value: &Value) -> Vec<(u64, u64)> {
+    value
+        .as_array()
+        .expect("an array of ranges")
+        .iter()
+        .map(|r| {
+            (
+                r["offset_bytes"].as_u64().expect("offset_bytes"),
+                r["len_bytes"].as_u64().expect("len_bytes"),
+            )
+        })
+        .collect()
+}
+
+/// Asserts an error reply carrying conflicting ranges (code `merge_conflict`).
+#[track_caller]
+fn expect_merge_conflict(reply: Reply) -> (String, Vec<(u64, u64)>) {
+    assert_eq!(reply.status, StatusCode::CONFLICT, "body: {}", reply.body);
+    let error = &reply.body["error"];
+    assert_eq!(error["code"], "merge_conflict", "{}", reply.body);
+    (
+        error["message"].as_str().expect("message").to_string(),
+        ranges(&error["conflicts"]),
+    )
+}
+
+#[tokio::test]
+async fn diffs_between_siblings_ancestors_and_heads() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0xaa, 8 * KIB).await;
+    let base = api.commit("vm", "main", "base").await;
+    api.branch("vm", "dev/1", "main").await;
+    api.write("vm@dev/1", 8 * KIB, 0xbb, 4 * KIB).await;
+    api.write("vm", 64 * KIB, 0xcc, 4 * KIB).await;
+    let main2 = api.commit("vm", "main", "main 2").await;
+    api.commit("vm", "dev/1", "dev 1").await;
+
+    // Siblings: what each side changed since they split.
+    let diff = api
+        .get("/v1/volumes/vm/diff?from=main&to=dev/1")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(
+        ranges(&diff["extents"]),
+        [(8 * KIB, 4 * KIB), (64 * KIB, 4 * KIB)]
+    );
+    assert_eq!(diff["extent_count"], 2);
+    assert_eq!(diff["changed_bytes"], 8 * KIB);
+    assert_eq!(diff["changed_blocks"], 2);
+    assert_eq!(diff["block_size_bytes"], 4096);
+    assert_eq!(diff["extents_truncated"], false);
+    assert!(diff["candidate_blocks"].as_u64().expect("candidates") >= 2);
+    assert!(diff["note"].as_str().expect("note").contains("identical"));
+    assert_eq!(diff["from"]["name"], "vm");
+    assert_eq!(diff["from"]["kind"], "branch");
+    assert_eq!(diff["to"]["name"], "vm@dev/1");
+    assert_eq!(diff["to"]["branch"], "dev/1");
+
+    // Ancestor and descendant, by commit id, prefix and full ref.
+    let diff = api
+        .get(&format!(
+            "/v1/volumes/vm/diff?from={}&to=vm@{main2}",
+            &base[..8]
+        ))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(ranges(&diff["extents"]), [(64 * KIB, 4 * KIB)]);
+    assert_eq!(diff["from"]["kind"], "commit");
+    assert_eq!(diff["from"]["commit"], base.as_str());
+    let same = api
+        .get(&format!("/v1/volumes/vm/diff?from={main2}&to=main"))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(same["extent_count"], 0);
+    assert_eq!(same["changed_bytes"], 0);
+
+    // A head with uncommitted writes.
+    api.write("vm", MIB, 0xdd, 12 * KIB).await;
+    let diff = api
+        .get(&format!("/v1/volumes/vm/diff?from={main2}&to=main"))
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(ranges(&diff["extents"]), [(MIB, 12 * KIB)]);
+
+    // A limit cuts the list, not the counts.
+    let diff = api
+        .get("/v1/volumes/vm/diff?from=main&to=dev/1&limit=1")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(ranges(&diff["extents"]).len(), 1);
+    assert_eq!(diff["extent_count"], 3);
+    assert_eq!(diff["extents_truncated"], true);
+
+    // Bad input.
+    api.volume("other").await;
+    let cases: [(&str, StatusCode, &str); 10] = [
+        (
+            "/v1/volumes/vm/diff?from=main",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=a%20b&to=main",
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=main&to=main&limit=0",
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=main&to=main&color=red",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=nope&to=main",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=main&to=vm@nope",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=main&to=ffffffffffff",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/nope/diff?from=main&to=main",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/diff?from=main&to=other@main",
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            "/v1/volumes/Bad/diff?from=main&to=main",
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+    ];
+    for (uri, status, code) in cases {
+        let message = api.get(uri).await.expect_error(status, code);
+        assert!(!message.is_empty(), "{uri}");
+    }
+    let message = api
+        .get("/v1/volumes/vm/diff?from=nope&to=main")
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
+    assert!(message.contains("\"nope\""), "{message}");
+    let message = api
+        .get("/v1/volumes/vm/diff?from=main&to=other")
+        .await
+        .expect_error(StatusCode::BAD_REQUEST, "invalid_argument");
+    assert!(message.contains("unrelated"), "{message}");
+}
+
+#[tokio::test]
+async fn blame_credits_each_range_to_its_writer() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0x11, 16 * KIB).await;
+    let first = api.commit("vm", "main", "first").await;
+    api.write("vm", 4 * KIB, 0x22, 4 * KIB).await;
+    let second = api.commit("vm", "main", "second").await;
+    api.write("vm", 12 * KIB, 0x33, 4 * KIB).await;
+
+    let blame = api
+        .get("/v1/volumes/vm/blame?offset=0&length=32KiB")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(blame["ref"]["name"], "vm");
+    assert_eq!(blame["offset_bytes"], 0);
+    assert_eq!(blame["len_bytes"], 32 * KIB);
+    let parts: Vec<(u64, u64, String, Option<String>)> = blame["ranges"]
+        .as_array()
+        .expect("ranges")
+        .iter()
+        .map(|r| {
+            (
+                r["offset_bytes"].as_u64().expect("offset"),
+                r["len_bytes"].as_u64().expect("len"),
+                r["state"].as_str().expect("state").to_string(),
+                r["commit"]["id"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    let committed = |offset, len, id: &str| (offset, len, "committed".into(), Some(id.into()));
+    assert_eq!(
+        parts,
+        [
+            committed(0, 4 * KIB, &first),
+            committed(4 * KIB, 4 * KIB, &second),
+            committed(8 * KIB, 4 * KIB, &first),
+            (12 * KIB, 4 * KIB, "uncommitted".into(), None),
+            (16 * KIB, 16 * KIB, "never_written".into(), None),
+        ]
+    );
+
+    // An unaligned range within a commit, by tag.
+    api.post("/v1/volumes/vm/tags", json!({"name": "v1", "ref": first}))
+        .await
+        .expect(StatusCode::CREATED);
+    let blame = api
+        .get("/v1/volumes/vm/blame?ref=v1&offset=5000&length=100")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(blame["ref"]["kind"], "tag");
+    assert_eq!(
+        blame["ranges"],
+        json!([{"offset_bytes": 5000, "len_bytes": 100, "state": "committed",
+            "commit": blame["ranges"][0]["commit"].clone()}])
+    );
+    assert_eq!(blame["ranges"][0]["commit"]["message"], "first");
+
+    for (uri, status, code) in [
+        (
+            "/v1/volumes/vm/blame?offset=0",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/volumes/vm/blame?offset=abc&length=1",
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/volumes/vm/blame?offset=64MiB&length=1",
+            StatusCode::BAD_REQUEST,
+            "out_of_range",
+        ),
+        (
+            "/v1/volumes/vm/blame?offset=0&length=18446744073709551615",
+            StatusCode::BAD_REQUEST,
+            "out_of_range",
+        ),
+        (
+            "/v1/volumes/vm/blame?ref=nope&offset=0&length=1",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/blame?ref=other@main&offset=0&length=1",
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            "/v1/volumes/nope/blame?offset=0&length=1",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ] {
+        api.get(uri).await.expect_error(status, code);
+    }
+}
+
+#[tokio::test]
+async fn merges_with_every_strategy() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0x01, 64 * KIB).await;
+    let base = api.commit("vm", "main", "base").await;
+    api.branch("vm", "feature/a", "main").await;
+    api.branch("vm", "b", "main").await;
+
+    // Fast-forward: main has nothing of its own.
+    api.write("vm@feature/a", 0, 0xaa, 4 * KIB).await;
+    let a1 = api.commit("vm", "feature/a", "a1").await;
+    let report = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "feature/a", "into": "main"}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(report["outcome"], "fast_forward");
+    assert_eq!(report["commit"]["id"], a1.as_str());
+    assert_eq!(report["base"], base.as_str());
+    assert_eq!(api.head_of("vm", "main").await["head_commit"], a1.as_str());
+    // Again: up to date.
+    let report = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "feature/a", "into": "main"}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(report["outcome"], "up_to_date");
+    assert_eq!(report["commit"], Value::Null);
+
+    // A clean three-way merge: b changed other blocks.
+    api.write("vm@b", 16 * KIB, 0xbb, 8 * KIB).await;
+    let b1 = api.commit("vm", "b", "b1").await;
+    let report = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "vm@b", "into": "main", "message": "take b", "author": "ana"}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(report["outcome"], "merged");
+    assert_eq!(ranges(&report["taken"]), [(16 * KIB, 8 * KIB)]);
+    assert_eq!(report["taken_bytes"], 8 * KIB);
+    assert_eq!(report["conflicts"], json!([]));
+    let merged = report["commit"].clone();
+    assert_eq!(merged["message"], "take b");
+    assert_eq!(merged["author"], "ana");
+    assert_eq!(merged["parents"], json!([a1, b1]));
+    let data = api.read("vm", 0, 32 * KIB).await;
+    assert!(data[..4096].iter().all(|&b| b == 0xaa));
+    assert!(data[4096..16384].iter().all(|&b| b == 0x01));
+    assert!(data[16384..24576].iter().all(|&b| b == 0xbb));
+    assert!(data[24576..].iter().all(|&b| b == 0x01));
+
+    // Conflicts: both sides change block 1 differently, and b also changes block 10 alone.
+    api.write("vm", 4 * KIB, 0xc1, 4 * KIB).await;
+    let ours = api.commit("vm", "main", "ours").await;
+    api.write("vm@b", 4 * KIB, 0xc2, 4 * KIB).await;
+    api.write("vm@b", 40 * KIB, 0xc3, 4 * KIB).await;
+    api.commit("vm", "b", "theirs").await;
+
+    let dry = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "b", "into": "main", "dry_run": true}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(dry["outcome"], "conflicts");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(ranges(&dry["conflicts"]), [(4 * KIB, 4 * KIB)]);
+    assert_eq!(dry["conflict_bytes"], 4 * KIB);
+
+    let (message, conflicts) = expect_merge_conflict(
+        api.post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "b", "into": "main"}),
+        )
+        .await,
+    );
+    assert_eq!(conflicts, [(4 * KIB, 4 * KIB)]);
+    assert!(message.contains("nothing changed"), "{message}");
+    // Nothing changed.
+    assert_eq!(
+        api.head_of("vm", "main").await["head_commit"],
+        ours.as_str()
+    );
+    assert!(api
+        .read("vm", 4 * KIB, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0xc1));
+    assert!(api
+        .read("vm", 40 * KIB, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0x01));
+
+    // Dry run with a strategy: what would be taken, nothing changes.
+    let dry = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "b", "into": "main", "strategy": "theirs", "dry_run": true}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(dry["outcome"], "merged");
+    assert_eq!(dry["commit"], Value::Null);
+    assert_eq!(
+        api.head_of("vm", "main").await["head_commit"],
+        ours.as_str()
+    );
+
+    // ours: keep main's block 1, take block 10.
+    api.branch("vm", "try-ours", "main").await;
+    let report = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "b", "into": "try-ours", "strategy": "ours"}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(report["outcome"], "merged");
+    assert_eq!(ranges(&report["conflicts"]), [(4 * KIB, 4 * KIB)]);
+    assert_eq!(ranges(&report["taken"]), [(40 * KIB, 4 * KIB)]);
+    assert!(api
+        .read("vm@try-ours", 4 * KIB, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0xc1));
+    assert!(api
+        .read("vm@try-ours", 40 * KIB, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0xc3));
+
+    // theirs: take both.
+    let report = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "b", "into": "main", "strategy": "theirs"}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(report["outcome"], "merged");
+    assert_eq!(
+        ranges(&report["taken"]),
+        [(4 * KIB, 4 * KIB), (40 * KIB, 4 * KIB)]
+    );
+    assert!(api
+        .read("vm", 4 * KIB, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0xc2));
+    assert!(api
+        .read("vm", 40 * KIB, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0xc3));
+
+    // Bad input changes nothing.
+    let head = api.head_of("vm", "main").await["head_commit"].clone();
+    api.write("vm@try-ours", 0, 0xee, 4 * KIB).await;
+    for (body, status, code) in [
+        (
+            json!({"from": "b", "into": "try-ours"}),
+            StatusCode::CONFLICT,
+            "conflict",
+        ),
+        (
+            json!({"from": "nope", "into": "main"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            json!({"from": "b", "into": "nope"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            json!({"from": "b", "into": "main", "strategy": "mine"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"from": "b", "into": "a b"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            json!({"from": "b", "into": "main", "message": ""}),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            json!({"from": "b", "into": "main", "squash": true}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"into": "main"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+    ] {
+        api.post("/v1/volumes/vm/merges", body.clone())
+            .await
+            .expect_error(status, code);
+    }
+    api.volume("other").await;
+    api.write("other", 0, 0x77, 4 * KIB).await;
+    api.commit("other", "main", "unrelated").await;
+    let message = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "other@main", "into": "main"}),
+        )
+        .await
+        .expect_error(StatusCode::BAD_REQUEST, "invalid_argument");
+    assert!(message.contains("unrelated"), "{message}");
+    api.post(
+        "/v1/volumes/nope/merges",
+        json!({"from": "b", "into": "main"}),
+    )
+    .await
+    .expect_error(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(api.head_of("vm", "main").await["head_commit"], head);
+}
+
+#[tokio::test]
+async fn reset_moves_a_branch_back() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0x01, 8 * KIB).await;
+    let first = api.commit("vm", "main", "first").await;
+    api.branch("vm", "release/1", "main").await;
+    api.write("vm@release/1", 0, 0x02, 8 * KIB).await;
+    let second = api.commit("vm", "release/1", "second").await;
+    api.write("vm@release/1", 4 * KIB, 0x03, 4 * KIB).await;
+
+    let reply = api
+        .post(
+            "/v1/volumes/vm/branches/release%2F1/reset",
+            json!({"to": first}),
+        )
+        .await;
+    let message = reply.expect_error(StatusCode::CONFLICT, "conflict");
+    assert!(message.contains("uncommitted"), "{message}");
+    let branch = api.head_of("vm", "release/1").await;
+    assert_eq!(branch["head_commit"], second.as_str());
+    assert_eq!(branch["uncommitted_blocks"], 1);
+
+    // Sessions attached to the branch block a reset.
+    let session = api.session("vm@release/1");
+    api.post(
+        "/v1/volumes/vm/branches/release%2F1/reset",
+        json!({"to": first, "discard_uncommitted": true}),
+    )
+    .await
+    .expect_error(StatusCode::CONFLICT, "conflict");
+    drop(session);
+
+    let branch = api
+        .post(
+            "/v1/volumes/vm/branches/release%2F1/reset",
+            json!({"to": &first[..10], "discard_uncommitted": true}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(branch["name"], "release/1");
+    assert_eq!(branch["head_commit"], first.as_str());
+    assert_eq!(branch["uncommitted_blocks"], 0);
+    assert!(api
+        .read("vm@release/1", 0, 8 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0x01));
+    // The commit left behind is still there by id.
+    assert!(api
+        .read(&format!("vm@{second}"), 0, 8 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0x02));
+
+    for (uri, body, status, code) in [
+        (
+            "/v1/volumes/vm/branches/release%2F1/reset",
+            json!({"to": "nope"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/branches/nope/reset",
+            json!({"to": first}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/branches/main/reset",
+            json!({"to": first, "force": true}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/volumes/vm/branches/main/reset",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "/v1/volumes/vm/branches/main/reset",
+            json!({"to": "a b"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+    ] {
+        api.post(uri, body).await.expect_error(status, code);
+    }
+    api.volume("fresh").await;
+    api.post(
+        "/v1/volumes/fresh/branches/main/reset",
+        json!({"to": "main"}),
+    )
+    .await
+    .expect_error(StatusCode::BAD_REQUEST, "invalid_argument");
+}
+
+#[tokio::test]
+async fn commits_are_deleted_by_squashing() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0x01, 4 * KIB).await;
+    let first = api.commit("vm", "main", "first").await;
+    api.write("vm", 4 * KIB, 0x02, 4 * KIB).await;
+    let second = api.commit("vm", "main", "second").await;
+    api.write("vm", 8 * KIB, 0x03, 4 * KIB).await;
+    let third = api.commit("vm", "main", "third").await;
+    api.post("/v1/volumes/vm/tags", json!({"name": "v1", "ref": first}))
+        .await
+        .expect(StatusCode::CREATED);
+
+    // Needed commits are refused and stay.
+    let message = api
+        .delete(&format!("/v1/volumes/vm/commits/{first}"))
+        .await
+        .expect_error(StatusCode::CONFLICT, "conflict");
+    assert!(message.contains("tag"), "{message}");
+    api.delete(&format!("/v1/volumes/vm/commits/{third}"))
+        .await
+        .expect_error(StatusCode::CONFLICT, "conflict");
+    for (uri, status, code) in [
+        (
+            "/v1/volumes/vm/commits/ffffffffffffffff".to_string(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/commits/xyz".to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            format!("/v1/volumes/nope/commits/{second}"),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ] {
+        api.delete(&uri).await.expect_error(status, code);
+    }
+    let log = api.get("/v1/volumes/vm/log").await.expect(StatusCode::OK);
+    assert_eq!(log.as_array().expect("log").len(), 3);
+
+    // The middle one folds into its child.
+    assert_eq!(
+        api.delete(&format!("/v1/volumes/vm/commits/{}", &second[..12]))
+            .await
+            .expect(StatusCode::NO_CONTENT),
+        Value::Null
+    );
+    api.get(&format!("/v1/volumes/vm/commits/{second}"))
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
+    let log = api.get("/v1/volumes/vm/log").await.expect(StatusCode::OK);
+    let ids: Vec<&str> = log
+        .as_array()
+        .expect("log")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, [third.as_str(), first.as_str()]);
+    assert_eq!(log[0]["parents"], json!([first]));
+    assert_eq!(log[0]["changed_blocks"], 2);
+    let data = api.read(&format!("vm@{third}"), 0, 12 * KIB).await;
+    assert!(data[..4096].iter().all(|&b| b == 0x01));
+    assert!(data[4096..8192].iter().all(|&b| b == 0x02));
+    assert!(data[8192..].iter().all(|&b| b == 0x03));
+}
+
+#[tokio::test]
+async fn clones_and_space_figures() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0x0a, 64 * KIB).await;
+    let first = api.commit("vm", "main", "first").await;
+
+    // No scan has run yet in this pool (nothing spawned the reclaimer).
+    let shown = api.get("/v1/volumes/vm").await.expect(StatusCode::OK);
+    assert_eq!(shown["space"], Value::Null);
+    assert_eq!(shown["name"], "vm");
+    assert_eq!(
+        api.get("/v1/pool").await.expect(StatusCode::OK)["space"],
+        Value::Null
+    );
+
+    let reply = api
+        .post(
+            "/v1/volumes/vm/clones",
+            json!({"name": "vm-copy", "ref": &first[..8]}),
+        )
+        .await;
+    assert_eq!(reply.location.as_deref(), Some("/v1/volumes/vm-copy"));
+    let clone = reply.expect(StatusCode::CREATED);
+    assert_eq!(clone["name"], "vm-copy");
+    assert_eq!(clone["size_bytes"], 64 * MIB);
+    assert_eq!(
+        clone["origin"],
+        json!({"volume": "vm", "source": format!("vm@{first}"), "commit": first})
+    );
+    assert_eq!(
+        api.get("/v1/volumes/vm").await.expect(StatusCode::OK)["origin"],
+        Value::Null
+    );
+    let clones = api
+        .get("/v1/volumes/vm/clones")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(clones.as_array().expect("clones").len(), 1);
+    assert_eq!(clones[0]["name"], "vm-copy");
+
+    // Independent writes afterwards.
+    api.write("vm-copy", 0, 0x0b, 4 * KIB).await;
+    assert!(api.read("vm", 0, 4 * KIB).await.iter().all(|&b| b == 0x0a));
+    assert!(api
+        .read("vm-copy", 0, 4 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0x0b));
+    assert!(api
+        .read("vm-copy", 4 * KIB, 60 * KIB)
+        .await
+        .iter()
+        .all(|&b| b == 0x0a));
+    // Related volumes diff across.
+    let diff = api
+        .get("/v1/volumes/vm/diff?from=main&to=vm-copy@main")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(ranges(&diff["extents"]), [(0, 4 * KIB)]);
+
+    let message = api
+        .delete("/v1/volumes/vm")
+        .await
+        .expect_error(StatusCode::CONFLICT, "conflict");
+    assert!(message.contains("vm-copy"), "{message}");
+    for (uri, body, status, code) in [
+        (
+            "/v1/volumes/vm/clones",
+            json!({"name": "vm-copy"}),
+            StatusCode::CONFLICT,
+            "already_exists",
+        ),
+        (
+            "/v1/volumes/vm/clones",
+            json!({"name": "Bad"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            "/v1/volumes/vm/clones",
+            json!({"name": "c2", "ref": "nope"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/clones",
+            json!({"name": "c2", "ref": "other@main"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+        ),
+        (
+            "/v1/volumes/nope/clones",
+            json!({"name": "c2"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "/v1/volumes/vm/clones",
+            json!({"name": "c2", "size": 4096}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+    ] {
+        api.post(uri, body).await.expect_error(status, code);
+    }
+    api.get("/v1/volumes/nope/clones")
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
+    let names: Vec<Value> = api
+        .get("/v1/volumes")
+        .await
+        .expect(StatusCode::OK)
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("vm"), json!("vm-copy")]);
+
+    // A scan measures every volume, branch and commit.
+    let report = api
+        .post("/v1/pool/reclaim", json!({}))
+        .await
+        .expect(StatusCode::OK);
+    assert!(report["generation"].is_u64() && report["reclaimed_bytes"].is_u64());
+    let vm = &report["volumes"]["vm"];
+    assert_eq!(vm["referenced_bytes"], 64 * KIB);
+    assert!(vm["branches"]["main"].is_u64(), "{report}");
+    assert!(vm["commits"][&first].is_u64(), "{report}");
+    assert!(report["volumes"]["vm-copy"]["branches"]["main"].is_u64());
+
+    let shown = api.get("/v1/volumes/vm-copy").await.expect(StatusCode::OK);
+    let space = &shown["space"];
+    assert_eq!(space["generation"], report["generation"]);
+    assert_eq!(space["referenced_bytes"], 64 * KIB);
+    // The clone's own block is the only data it holds alone.
+    assert!(
+        space["exclusive_bytes"].as_u64().expect("exclusive") >= 4 * KIB,
+        "{shown}"
+    );
+    let pool = api.get("/v1/pool").await.expect(StatusCode::OK);
+    assert_eq!(pool["space"]["generation"], report["generation"]);
+    assert_eq!(pool["space"]["volumes"]["vm"]["referenced_bytes"], 64 * KIB);
+
+    // Deleting the clone, then its source, works in that order.
+    api.delete("/v1/volumes/vm-copy")
+        .await
+        .expect(StatusCode::NO_CONTENT);
+    api.delete("/v1/volumes/vm")
+        .await
+        .expect(StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn history_crosses_into_clones() {
+    let api = Api::new();
+    api.volume("vm").await;
+    api.write("vm", 0, 0x0a, 64 * KIB).await;
+    let first = api.commit("vm", "main", "first").await;
+    api.post("/v1/volumes/vm/clones", json!({"name": "cp", "ref": first}))
+        .await
+        .expect(StatusCode::CREATED);
+    api.write("cp", 0, 0x0b, 4 * KIB).await;
+    let work = api.commit("cp", "main", "clone work").await;
+
+    // The source merges the clone's work back: a fast-forward to the clone's commit.
+    let report = api
+        .post(
+            "/v1/volumes/vm/merges",
+            json!({"from": "cp@main", "into": "main"}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(report["outcome"], "fast_forward", "{report}");
+    assert_eq!(report["commit"]["id"], work.as_str());
+    assert_eq!(
+        api.head_of("vm", "main").await["head_commit"],
+        work.as_str()
+    );
+    assert!(api.read("vm", 0, 4 * KIB).await.iter().all(|&b| b == 0x0b));
+    // The source's history now continues from the clone's commit: neither can go.
+    api.delete("/v1/volumes/cp")
+        .await
+        .expect_error(StatusCode::CONFLICT, "conflict");
+    api.delete("/v1/volumes/vm")
+        .await
+        .expect_error(StatusCode::CONFLICT, "conflict");
+
+    // A reset across volumes, back to the source's own commit.
+    let branch = api
+        .post(
+            "/v1/volumes/vm/branches/main/reset",
+            json!({"to": format!("vm@{first}")}),
+        )
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(branch["head_commit"], first.as_str());
+    assert!(api.read("vm", 0, 4 * KIB).await.iter().all(|&b| b == 0x0a));
+}

@@ -8,6 +8,7 @@
 //! client flags, oversized or too many options, `NBD_OPT_EXPORT_NAME` on an export that cannot
 //! be opened) close the connection.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use grove_engine::SessionClient;
@@ -15,12 +16,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::error::{option_reply_error, Error};
-use crate::export::{ExportHandle, ExportProvider};
+use crate::export::{DiffCandidates, ExportHandle, ExportProvider};
+use crate::meta::{
+    DiffContext, Selection, BASE_ALLOCATION_CONTEXT_ID, DIFF_CONTEXTS_MAX, LISTED_REFS_MAX,
+};
 use crate::proto::*;
 use crate::ServerOptions;
-
-/// The metadata context id this server gives `base:allocation` in `NBD_OPT_SET_META_CONTEXT`.
-pub const BASE_ALLOCATION_CONTEXT_ID: u32 = 1;
 
 /// The result of a handshake that entered transmission.
 pub(crate) struct Negotiated<H> {
@@ -30,17 +31,16 @@ pub(crate) struct Negotiated<H> {
     pub read_only: bool,
     pub transmission_flags: u16,
     pub mode: ReplyMode,
-    /// The id of `base:allocation` if the client selected it for this export.
-    pub allocation_context: Option<u32>,
+    /// The metadata contexts the client selected for this export, if any.
+    pub contexts: Option<Selection>,
 }
 
 /// What the client agreed so far.
 struct State {
     no_zeroes: bool,
     mode: ReplyMode,
-    /// The export named by the last successful `NBD_OPT_SET_META_CONTEXT` that selected
-    /// `base:allocation`.
-    allocation_export: Option<String>,
+    /// What the last `NBD_OPT_SET_META_CONTEXT` selected, and for which export.
+    selection: Option<Selection>,
 }
 
 enum Flow<H> {
@@ -80,7 +80,7 @@ where
     let mut state = State {
         no_zeroes: client_flags & NBD_FLAG_C_NO_ZEROES != 0,
         mode: ReplyMode::Simple,
-        allocation_export: None,
+        selection: None,
     };
 
     for _ in 0..options.handshake_options_max {
@@ -286,8 +286,19 @@ fn negotiated<H: ExportHandle>(
     state: &State,
 ) -> Negotiated<H> {
     let read_only = handle.read_only();
-    let allocation_context = match &state.allocation_export {
-        Some(selected) if *selected == export_name => Some(BASE_ALLOCATION_CONTEXT_ID),
+    // The spec: contexts count only if the last SET named the export now entered.
+    let contexts = match &state.selection {
+        Some(selection) if selection.export == export_name && selection.count() > 0 => {
+            let mut selection = selection.clone();
+            // The name was resolved when the contexts were selected; should it now open a
+            // writable ref, its differences can change after all.
+            if !read_only {
+                for diff in &mut selection.diffs {
+                    diff.base.immutable = false;
+                }
+            }
+            Some(selection)
+        }
         _ => None,
     };
     Negotiated {
@@ -295,7 +306,7 @@ fn negotiated<H: ExportHandle>(
         read_only,
         transmission_flags: transmission_flags(read_only, state.mode),
         mode: state.mode,
-        allocation_context,
+        contexts,
         export_name,
         handle,
     }
@@ -419,7 +430,7 @@ fn meta_context<P: ExportProvider>(
 ) {
     if set {
         // The spec: a SET replaces the previous selection even when it fails.
-        state.allocation_export = None;
+        state.selection = None;
     }
     if !state.mode.chunked() {
         put_error(
@@ -456,30 +467,157 @@ fn meta_context<P: ExportProvider>(
         );
         return;
     }
-    // Queries of unknown namespaces and unknown `base:` leaves are ignored, as required.
-    // Listing with no query, or with the `base:` wildcard, offers base:allocation; selecting
-    // needs its exact name.
-    let selected = if set {
-        request.queries.iter().any(|query| query == BASE_ALLOCATION)
+    if set {
+        select_contexts(provider, state, option, request, reply);
     } else {
-        request.queries.is_empty()
-            || request
-                .queries
-                .iter()
-                .any(|query| query == BASE_ALLOCATION || query == BASE_NAMESPACE)
+        list_contexts(provider, option, &request, reply);
+    }
+}
+
+/// `NBD_OPT_LIST_META_CONTEXT`. Queries of unknown namespaces and unknown leaves are ignored,
+/// as required. No query lists everything: `base:allocation` and the diff contexts of both
+/// namespaces. A wildcard (`base:`, `grove:`, `grove:diff:`, `qemu:`, `qemu:dirty-bitmap:`)
+/// lists its namespace's contexts: one per ref of the export's volume, at most
+/// [`LISTED_REFS_MAX`], followed by the wildcard itself when more refs are accepted than
+/// listed (the spec lets a server answer with a name a client can complete). An exact diff
+/// context is listed when it could be selected. Each name is listed once; context ids are
+/// zero, as the spec asks of LIST replies.
+fn list_contexts<P: ExportProvider>(
+    provider: &P,
+    option: u32,
+    request: &MetaContextRequest,
+    reply: &mut Vec<u8>,
+) {
+    let everything = [
+        MetaQuery::BaseWildcard,
+        MetaQuery::DiffWildcard(DiffNamespace::Grove),
+        MetaQuery::DiffWildcard(DiffNamespace::Qemu),
+    ];
+    let queries: Vec<MetaQuery<'_>> = if request.queries.is_empty() {
+        everything.to_vec()
+    } else {
+        request
+            .queries
+            .iter()
+            .map(|query| MetaQuery::parse(query))
+            .collect()
     };
-    if selected {
-        // Context ids in a LIST reply are reserved and SHOULD be zero.
-        let context_id = if set { BASE_ALLOCATION_CONTEXT_ID } else { 0 };
-        put_option_reply_with(reply, option, NBD_REP_META_CONTEXT, |out| {
-            put_u32(out, context_id);
-            out.extend_from_slice(BASE_ALLOCATION.as_bytes());
-        });
-        if set {
-            state.allocation_export = Some(request.name);
+    let mut candidates: Option<DiffCandidates> = None;
+    let mut listed: HashSet<String> = HashSet::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut offer = |name: String| {
+        if listed.insert(name.clone()) {
+            names.push(name);
+        }
+    };
+    for query in queries {
+        match query {
+            MetaQuery::BaseAllocation | MetaQuery::BaseWildcard => {
+                offer(BASE_ALLOCATION.to_string());
+            }
+            MetaQuery::DiffWildcard(namespace) => {
+                let candidates = candidates.get_or_insert_with(|| {
+                    provider
+                        .diff_candidates(&request.name, LISTED_REFS_MAX)
+                        .unwrap_or_else(|error| {
+                            debug!(export = %request.name, %error, "cannot list diff refs");
+                            DiffCandidates::default()
+                        })
+                });
+                for reference in &candidates.references {
+                    offer(namespace.context_name(reference));
+                }
+                if candidates.more {
+                    offer(namespace.prefix().to_string());
+                }
+            }
+            MetaQuery::Diff(namespace, reference) => {
+                if provider.diff_base(&request.name, reference).is_ok() {
+                    offer(namespace.context_name(reference));
+                }
+            }
+            MetaQuery::Ignored => {}
         }
     }
+    for name in names {
+        if name.len() > STRING_MAX_BYTES {
+            continue;
+        }
+        put_option_reply_with(reply, option, NBD_REP_META_CONTEXT, |out| {
+            put_u32(out, 0);
+            out.extend_from_slice(name.as_bytes());
+        });
+    }
     put_option_reply(reply, option, NBD_REP_ACK, &[]);
+}
+
+/// `NBD_OPT_SET_META_CONTEXT`. Selects `base:allocation` and every `grove:diff:REF` or
+/// `qemu:dirty-bitmap:REF` whose ref the provider accepts for the export; anything else,
+/// wildcards included, selects nothing and is not an error (the spec). Each selected context
+/// is answered with the name exactly as asked, which is how clients recognize it. More than
+/// [`DIFF_CONTEXTS_MAX`] diff contexts is `NBD_REP_ERR_TOO_BIG`.
+fn select_contexts<P: ExportProvider>(
+    provider: &P,
+    state: &mut State,
+    option: u32,
+    request: MetaContextRequest,
+    reply: &mut Vec<u8>,
+) {
+    let mut selection = Selection {
+        export: request.name.clone(),
+        allocation: None,
+        diffs: Vec::new(),
+    };
+    let mut next_id = BASE_ALLOCATION_CONTEXT_ID + 1;
+    for query in &request.queries {
+        match MetaQuery::parse(query) {
+            MetaQuery::BaseAllocation => selection.allocation = Some(BASE_ALLOCATION_CONTEXT_ID),
+            MetaQuery::Diff(namespace, reference) => {
+                if selection.diffs.iter().any(|diff| diff.name == *query) {
+                    continue;
+                }
+                let base = match provider.diff_base(&request.name, reference) {
+                    Ok(base) => base,
+                    Err(error) => {
+                        debug!(export = %request.name, context = %query, %error, "context not selected");
+                        continue;
+                    }
+                };
+                if selection.diffs.len() == DIFF_CONTEXTS_MAX {
+                    put_error(
+                        reply,
+                        option,
+                        NBD_REP_ERR_TOO_BIG,
+                        &format!("at most {DIFF_CONTEXTS_MAX} diff contexts can be selected"),
+                    );
+                    return;
+                }
+                selection.diffs.push(DiffContext {
+                    id: next_id,
+                    namespace,
+                    name: query.clone(),
+                    base,
+                });
+                next_id += 1;
+            }
+            MetaQuery::BaseWildcard | MetaQuery::DiffWildcard(_) | MetaQuery::Ignored => {}
+        }
+    }
+    if let Some(id) = selection.allocation {
+        put_option_reply_with(reply, option, NBD_REP_META_CONTEXT, |out| {
+            put_u32(out, id);
+            out.extend_from_slice(BASE_ALLOCATION.as_bytes());
+        });
+    }
+    for diff in &selection.diffs {
+        // Queries come from the client's own option data, so they are valid wire strings.
+        put_option_reply_with(reply, option, NBD_REP_META_CONTEXT, |out| {
+            put_u32(out, diff.id);
+            out.extend_from_slice(diff.name.as_bytes());
+        });
+    }
+    put_option_reply(reply, option, NBD_REP_ACK, &[]);
+    state.selection = Some(selection);
 }
 
 fn put_error(reply: &mut Vec<u8>, option: u32, reply_type: u32, message: &str) {

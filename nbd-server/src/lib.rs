@@ -1,6 +1,8 @@
 //! grove's NBD server: speaks the Network Block Device protocol (fixed newstyle handshake,
-//! structured replies, extended headers, `base:allocation` block status, pipelined
-//! out-of-order transmission) and turns every request into a call on an engine session.
+//! structured replies, extended headers, block status for `base:allocation` and for the
+//! differences from another ref (`grove:diff:REF`, also offered as QEMU's
+//! `qemu:dirty-bitmap:REF`), pipelined out-of-order transmission) and turns every request
+//! into a call on an engine session.
 //!
 //! Export names are refs: `VOL` and `VOL@BRANCH` are writable, `VOL@TAG` and `VOL@COMMIT`
 //! (full id or unique prefix) read-only; `NBD_OPT_LIST` lists every ref of every volume.
@@ -19,6 +21,7 @@ pub mod error;
 pub mod export;
 mod handshake;
 pub mod memory;
+mod meta;
 pub mod proto;
 mod transmission;
 
@@ -34,7 +37,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use error::Error;
-pub use export::{ExportHandle, ExportProvider, PoolProvider};
+pub use export::{
+    DiffBase, DiffCandidates, ExportHandle, ExportProvider, PoolExport, PoolProvider,
+};
 pub use memory::MemoryProvider;
 
 /// Limits of the server. Every field is a bound the server keeps per connection (or per
@@ -237,7 +242,7 @@ where
         size_bytes = negotiated.size_bytes,
         read_only = negotiated.read_only,
         mode = ?negotiated.mode,
-        block_status = negotiated.allocation_context.is_some(),
+        contexts = negotiated.contexts.as_ref().map_or(0, |selection| selection.count()),
         flags = format_args!("{:#06x}", negotiated.transmission_flags),
         "transmission started"
     );

@@ -1,6 +1,12 @@
 //! An in-memory [`ExportProvider`]: sparse exports kept as a map of 4 KiB blocks, with
 //! counters and fault injection. It exists to test the protocol code (and to measure it
 //! without storage); the grove daemon never uses it.
+//!
+//! Diff contexts follow a simple model of refs: an export named `VOL@NAME` belongs to the
+//! volume `VOL` (an export without `@` is the volume itself), and any export of the same
+//! volume can be a diff base, named as in the pool (`NAME`, `VOL@NAME`, or `VOL` for the
+//! volume export). Blocks differ when their contents differ, a missing block reading as
+//! zeros; the engine compares block mappings instead, which this model does not have.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -9,16 +15,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use grove_engine::{
-    BlockStatus, Error, ExportInfo, ReadChunk, Result, SessionClient, ZeroMode, BLOCK_SIZE,
+    BlockStatus, Error, ExportInfo, ReadChunk, Result, RoaringTreemap, SessionClient, ZeroMode,
+    BLOCK_SIZE,
 };
 use parking_lot::{Mutex, RwLock};
 
-use crate::export::{ExportHandle, ExportProvider};
+use crate::export::{DiffBase, DiffCandidates, ExportHandle, ExportProvider};
+
+/// Exports by name, shared with open handles (which look diff bases up in it).
+type ExportMap = Arc<RwLock<BTreeMap<String, Arc<MemoryExport>>>>;
 
 /// Exports by name. Names are matched exactly (no ref resolution).
 #[derive(Default)]
 pub struct MemoryProvider {
-    exports: RwLock<BTreeMap<String, Arc<MemoryExport>>>,
+    exports: ExportMap,
 }
 
 impl MemoryProvider {
@@ -37,6 +47,7 @@ impl MemoryProvider {
             flushes: AtomicU64::new(0),
             fua_ops: AtomicU64::new(0),
             open_handles: AtomicUsize::new(0),
+            diff_computations: AtomicU64::new(0),
             fault: Mutex::new(None),
             delays: Mutex::new(Vec::new()),
         });
@@ -44,6 +55,11 @@ impl MemoryProvider {
             .write()
             .insert(name.to_string(), export.clone());
         export
+    }
+
+    /// Removes an export; handles already open keep working on it.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<MemoryExport>> {
+        self.exports.write().remove(name)
     }
 
     pub fn export(&self, name: &str) -> Option<Arc<MemoryExport>> {
@@ -60,10 +76,39 @@ impl MemoryProvider {
     }
 
     fn lookup(&self, name: &str) -> Result<Arc<MemoryExport>> {
-        self.export(name).ok_or_else(|| Error::NotFound {
+        lookup(&self.exports, name)
+    }
+}
+
+fn lookup(exports: &ExportMap, name: &str) -> Result<Arc<MemoryExport>> {
+    exports
+        .read()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| Error::NotFound {
             what: format!("export {name:?}"),
         })
+}
+
+/// The volume an export name belongs to: the part before `@`.
+fn volume_of(name: &str) -> &str {
+    name.split_once('@').map_or(name, |(volume, _)| volume)
+}
+
+/// The export a diff ref names in the context of `export`'s volume.
+fn resolve_base(exports: &ExportMap, export: &str, reference: &str) -> Result<Arc<MemoryExport>> {
+    let volume = volume_of(export);
+    let name = if reference.contains('@') || reference == volume {
+        reference.to_string()
+    } else {
+        format!("{volume}@{reference}")
+    };
+    if volume_of(&name) != volume {
+        return Err(Error::InvalidArgument(format!(
+            "{reference:?} is not a ref of volume {volume:?}"
+        )));
     }
+    lookup(exports, &name)
 }
 
 impl ExportProvider for MemoryProvider {
@@ -84,7 +129,37 @@ impl ExportProvider for MemoryProvider {
     fn open(&self, name: &str, _client: SessionClient) -> Result<Arc<MemoryHandle>> {
         let export = self.lookup(name)?;
         export.open_handles.fetch_add(1, Ordering::SeqCst);
-        Ok(Arc::new(MemoryHandle { export }))
+        Ok(Arc::new(MemoryHandle {
+            export,
+            exports: self.exports.clone(),
+        }))
+    }
+
+    fn diff_base(&self, export: &str, reference: &str) -> Result<DiffBase> {
+        let target = self.lookup(export)?;
+        let base = resolve_base(&self.exports, export, reference)?;
+        Ok(DiffBase {
+            reference: base.name.clone(),
+            immutable: target.read_only && base.read_only,
+        })
+    }
+
+    /// Every export of the export's volume, in name order.
+    fn diff_candidates(&self, export: &str, limit: usize) -> Result<DiffCandidates> {
+        self.lookup(export)?;
+        let volume = volume_of(export);
+        let mut candidates = DiffCandidates::default();
+        for name in self.exports.read().keys() {
+            if volume_of(name) != volume {
+                continue;
+            }
+            if candidates.references.len() < limit {
+                candidates.references.push(name.clone());
+            } else {
+                candidates.more = true;
+            }
+        }
+        Ok(candidates)
     }
 }
 
@@ -110,6 +185,8 @@ pub struct MemoryExport {
     flushes: AtomicU64,
     fua_ops: AtomicU64,
     open_handles: AtomicUsize,
+    /// Diffs computed with this export as the exported side.
+    diff_computations: AtomicU64,
     fault: Mutex<Option<Fault>>,
     /// Requests starting at one of these offsets wait this long first.
     delays: Mutex<Vec<(u64, Duration)>>,
@@ -143,6 +220,11 @@ impl MemoryExport {
         self.blocks.lock().len()
     }
 
+    /// Diffs computed so far with this export as the exported side ([`ExportHandle::diff`]).
+    pub fn diff_computations(&self) -> u64 {
+        self.diff_computations.load(Ordering::SeqCst)
+    }
+
     /// Makes every later I/O call fail (or panic) until cleared with `None`.
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.fault.lock() = fault;
@@ -151,6 +233,21 @@ impl MemoryExport {
     /// Makes requests starting at `offset_bytes` wait `delay` before running.
     pub fn set_delay(&self, offset_bytes: u64, delay: Duration) {
         self.delays.lock().push((offset_bytes, delay));
+    }
+
+    /// Writes without going through a handle (read-only exports included), to set up tests.
+    pub fn load(&self, offset_bytes: u64, data: &[u8]) {
+        let mut blocks = self.blocks.lock();
+        for_each_block(
+            offset_bytes,
+            data.len() as u64,
+            |index, in_block, in_range| {
+                let block = blocks
+                    .entry(index)
+                    .or_insert_with(|| vec![0u8; BLOCK_SIZE as usize].into_boxed_slice());
+                block[in_block].copy_from_slice(&data[in_range]);
+            },
+        );
     }
 
     /// Reads without going through a handle, for checks in tests.
@@ -232,6 +329,7 @@ impl MemoryExport {
 /// An open in-memory export.
 pub struct MemoryHandle {
     export: Arc<MemoryExport>,
+    exports: ExportMap,
 }
 
 impl Drop for MemoryHandle {
@@ -388,6 +486,36 @@ impl ExportHandle for MemoryHandle {
             push(end - position, true, true);
         }
         Ok(runs)
+    }
+
+    async fn diff(&self, base: &DiffBase) -> Result<RoaringTreemap> {
+        self.export.enter(0, 0).await?;
+        self.export.diff_computations.fetch_add(1, Ordering::SeqCst);
+        let base = lookup(&self.exports, &base.reference)?;
+        let mut changed = RoaringTreemap::new();
+        if Arc::ptr_eq(&base, &self.export) {
+            return Ok(changed);
+        }
+        // One block map locked at a time (a copy of the base's), so two handles comparing
+        // two exports in opposite directions never wait for each other.
+        let base_blocks = base.blocks.lock().clone();
+        let blocks = self.export.blocks.lock();
+        let is_zero = |block: &[u8]| block.iter().all(|byte| *byte == 0);
+        for (index, block) in blocks.iter() {
+            let same = match base_blocks.get(index) {
+                Some(other) => other == block,
+                None => is_zero(block),
+            };
+            if !same {
+                changed.insert(*index);
+            }
+        }
+        for (index, block) in base_blocks.iter() {
+            if !blocks.contains_key(index) && !is_zero(block) {
+                changed.insert(*index);
+            }
+        }
+        Ok(changed)
     }
 }
 

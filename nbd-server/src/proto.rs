@@ -16,6 +16,23 @@
 //! - "Size constraints": [`PAYLOAD_MAX_BYTES`] and the advertised block sizes.
 //! - "Metadata querying" and "The `base:` metadata namespace": [`BASE_ALLOCATION`] and its
 //!   `NBD_STATE_*` flags.
+//! - QEMU's `docs/interop/nbd.rst`, "`qemu` namespace": the `qemu:dirty-bitmap:` contexts
+//!   and [`NBD_STATE_DIRTY`].
+//!
+//! Metadata contexts this server offers, and the query strings it reads ([`MetaQuery`]):
+//!
+//! | context | flags of each extent |
+//! |---------|----------------------|
+//! | `base:allocation` | [`NBD_STATE_HOLE`], [`NBD_STATE_ZERO`] (the spec's) |
+//! | `grove:diff:REF` | bit 0 ([`GROVE_STATE_CHANGED`]): the extent differs between the export and `REF` |
+//! | `qemu:dirty-bitmap:REF` | bit 0 ([`NBD_STATE_DIRTY`]): the same, in QEMU's terms (dirty = differs) |
+//!
+//! `REF` is a ref of the export's volume (a bare branch, tag or commit name, or a full
+//! `VOL@NAME`; refs of a volume sharing history with it, such as its clone source, work
+//! too). Both diff contexts answer the same question: which 4 KiB blocks of the export map
+//! differently from `REF`, the comparison `grove diff` makes. Everything else in the flags is
+//! zero. The wildcards `grove:`, `grove:diff:`, `qemu:` and `qemu:dirty-bitmap:` list the
+//! refs a client can name; they select nothing.
 //!
 //! All integers are big-endian. Decoders never panic: short input, trailing bytes and bad
 //! strings are [`ParseError`]s, and unknown option or command codes decode to an
@@ -155,9 +172,9 @@ pub const NBD_ENOTSUP: u32 = 95;
 pub const NBD_ESHUTDOWN: u32 = 108;
 
 // ---------------------------------------------------------------------------------------------
-// Metadata contexts ("The `base:` metadata namespace").
+// Metadata contexts ("The `base:` metadata namespace"; QEMU's "`qemu` namespace"; grove's own).
 
-/// The one metadata context this server offers.
+/// The spec's allocation context.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 /// The `base:` namespace query, a wildcard for `NBD_OPT_LIST_META_CONTEXT`.
 pub const BASE_NAMESPACE: &str = "base:";
@@ -165,6 +182,99 @@ pub const BASE_NAMESPACE: &str = "base:";
 pub const NBD_STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation` flag: the extent reads as zeros.
 pub const NBD_STATE_ZERO: u32 = 1 << 1;
+
+/// The `grove:` namespace query, a wildcard for `NBD_OPT_LIST_META_CONTEXT`.
+pub const GROVE_NAMESPACE: &str = "grove:";
+/// The prefix of `grove:diff:REF`; alone, a wildcard for `NBD_OPT_LIST_META_CONTEXT`.
+pub const GROVE_DIFF_PREFIX: &str = "grove:diff:";
+/// `grove:diff:REF` flag: the extent differs between the export and `REF`.
+pub const GROVE_STATE_CHANGED: u32 = 1 << 0;
+/// The `qemu:` namespace query, a wildcard for `NBD_OPT_LIST_META_CONTEXT`.
+pub const QEMU_NAMESPACE: &str = "qemu:";
+/// The prefix of `qemu:dirty-bitmap:REF`; alone, a wildcard for `NBD_OPT_LIST_META_CONTEXT`.
+pub const QEMU_DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// `qemu:dirty-bitmap:` flag (QEMU's `NBD_STATE_DIRTY`): the extent is dirty, here meaning it
+/// differs between the export and `REF`.
+pub const NBD_STATE_DIRTY: u32 = 1 << 0;
+
+/// The two names under which the differences from a ref are offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DiffNamespace {
+    /// `grove:diff:REF`.
+    Grove,
+    /// `qemu:dirty-bitmap:REF`, for clients built on QEMU's dirty-bitmap interface.
+    Qemu,
+}
+
+impl DiffNamespace {
+    pub const ALL: [DiffNamespace; 2] = [DiffNamespace::Grove, DiffNamespace::Qemu];
+
+    /// The context name up to the ref.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            DiffNamespace::Grove => GROVE_DIFF_PREFIX,
+            DiffNamespace::Qemu => QEMU_DIRTY_BITMAP_PREFIX,
+        }
+    }
+
+    /// The flag set on extents that differ (bit 0 in both namespaces).
+    pub fn changed_flag(self) -> u32 {
+        match self {
+            DiffNamespace::Grove => GROVE_STATE_CHANGED,
+            DiffNamespace::Qemu => NBD_STATE_DIRTY,
+        }
+    }
+
+    /// The full context name for `reference`.
+    pub fn context_name(self, reference: &str) -> String {
+        format!("{}{reference}", self.prefix())
+    }
+}
+
+/// A metadata context query (`NBD_OPT_LIST_META_CONTEXT`, `NBD_OPT_SET_META_CONTEXT`) as
+/// this server reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaQuery<'a> {
+    /// `base:allocation`.
+    BaseAllocation,
+    /// `base:`: lists every `base:` context; selects nothing.
+    BaseWildcard,
+    /// `grove:`, `grove:diff:`, `qemu:` or `qemu:dirty-bitmap:`: lists the diff contexts of
+    /// that namespace; selects nothing.
+    DiffWildcard(DiffNamespace),
+    /// `grove:diff:REF` or `qemu:dirty-bitmap:REF` with a non-empty `REF`.
+    Diff(DiffNamespace, &'a str),
+    /// Anything else: an unknown namespace or an unknown leaf of a known one. The spec has the
+    /// server ignore these.
+    Ignored,
+}
+
+impl<'a> MetaQuery<'a> {
+    pub fn parse(query: &'a str) -> Self {
+        if query == BASE_ALLOCATION {
+            return MetaQuery::BaseAllocation;
+        }
+        if query == BASE_NAMESPACE {
+            return MetaQuery::BaseWildcard;
+        }
+        for namespace in DiffNamespace::ALL {
+            let namespace_only = match namespace {
+                DiffNamespace::Grove => GROVE_NAMESPACE,
+                DiffNamespace::Qemu => QEMU_NAMESPACE,
+            };
+            if query == namespace_only {
+                return MetaQuery::DiffWildcard(namespace);
+            }
+            if let Some(reference) = query.strip_prefix(namespace.prefix()) {
+                if reference.is_empty() {
+                    return MetaQuery::DiffWildcard(namespace);
+                }
+                return MetaQuery::Diff(namespace, reference);
+            }
+        }
+        MetaQuery::Ignored
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Limits ("Conventions", "Size constraints").
@@ -624,7 +734,7 @@ pub fn error_payload(error: u32, message: &str) -> Vec<u8> {
     out
 }
 
-/// One `base:allocation` extent as sent in a block status chunk.
+/// One extent as sent in a block status chunk, for any metadata context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatusDescriptor {
     pub len_bytes: u64,
@@ -894,6 +1004,49 @@ mod tests {
         put_u32(&mut data, 50);
         data.extend_from_slice(b"base:");
         assert_eq!(MetaContextRequest::parse(&data), Err(ParseError::Short));
+    }
+
+    #[test]
+    fn metadata_querying_query_strings() {
+        assert_eq!(
+            MetaQuery::parse("base:allocation"),
+            MetaQuery::BaseAllocation
+        );
+        assert_eq!(MetaQuery::parse("base:"), MetaQuery::BaseWildcard);
+        assert_eq!(MetaQuery::parse("base:other"), MetaQuery::Ignored);
+        for (query, namespace) in [
+            ("grove:", DiffNamespace::Grove),
+            ("grove:diff:", DiffNamespace::Grove),
+            ("qemu:", DiffNamespace::Qemu),
+            ("qemu:dirty-bitmap:", DiffNamespace::Qemu),
+        ] {
+            assert_eq!(MetaQuery::parse(query), MetaQuery::DiffWildcard(namespace));
+        }
+        assert_eq!(
+            MetaQuery::parse("grove:diff:vol@v1"),
+            MetaQuery::Diff(DiffNamespace::Grove, "vol@v1")
+        );
+        assert_eq!(
+            MetaQuery::parse("qemu:dirty-bitmap:main"),
+            MetaQuery::Diff(DiffNamespace::Qemu, "main")
+        );
+        // Leaves of known namespaces this server does not have, and unknown namespaces.
+        for query in [
+            "grove:diffx",
+            "grove:other:x",
+            "qemu:allocation-depth",
+            "x-foo:bar",
+            "",
+            "grove",
+        ] {
+            assert_eq!(MetaQuery::parse(query), MetaQuery::Ignored, "{query}");
+        }
+        assert_eq!(
+            DiffNamespace::Qemu.context_name("c1"),
+            "qemu:dirty-bitmap:c1"
+        );
+        assert_eq!(DiffNamespace::Grove.changed_flag(), 1);
+        assert_eq!(DiffNamespace::Qemu.changed_flag(), NBD_STATE_DIRTY);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use tracing::{debug, trace, Instrument};
 use crate::error::{errno, Error};
 use crate::export::ExportHandle;
 use crate::handshake::Negotiated;
+use crate::meta::{diff_descriptors, Contexts, DIFF_CONTEXTS_MAX};
 use crate::proto::*;
 use crate::ServerOptions;
 
@@ -43,8 +44,14 @@ pub const BLOCK_STATUS_DESCRIPTORS_MAX: usize = 1 << 16;
 /// fits the 32-bit descriptor of compact replies. Longer requests get a shorter answer, which
 /// the spec allows; clients continue from where it ends.
 pub const BLOCK_STATUS_QUERY_MAX_BYTES: u64 = u32::MAX as u64 & !4095;
-/// Bytes of budget a block status request holds for its reply.
+/// Bytes of budget a block status request holds for each selected context's chunk.
 const BLOCK_STATUS_REPLY_BUDGET_BYTES: u32 = 16 * BLOCK_STATUS_DESCRIPTORS_MAX as u32 + 64;
+// A block status request with every context selected must fit the smallest byte budget
+// (`ServerOptions::clamped` keeps it at least one maximum payload), or it would wait forever.
+const _: () = assert!(
+    (DIFF_CONTEXTS_MAX as u64 + 1) * BLOCK_STATUS_REPLY_BUDGET_BYTES as u64
+        <= PAYLOAD_MAX_BYTES as u64
+);
 /// Most replies the writer gathers into one batch of vectored writes.
 pub const REPLY_BATCH_MAX: usize = 64;
 /// Most buffers passed to one vectored write (Linux's `UIO_MAXIOV`).
@@ -56,7 +63,8 @@ pub(crate) struct ExportView {
     pub size_bytes: u64,
     pub read_only: bool,
     pub mode: ReplyMode,
-    pub allocation_context: Option<u32>,
+    /// How many metadata contexts the client selected for this export.
+    pub contexts: usize,
 }
 
 /// A checked request, ready to run.
@@ -231,7 +239,7 @@ pub(crate) fn validate(header: &RequestHeader, export: &ExportView) -> Result<Op
             Ok(Op::Cache { len_bytes })
         }
         Command::BlockStatus => {
-            if export.allocation_context.is_none() {
+            if export.contexts == 0 {
                 return Err(reject(
                     NBD_EINVAL,
                     "no metadata context was selected for this export",
@@ -271,12 +279,13 @@ pub(crate) fn request_payload_len(header: &RequestHeader, mode: ReplyMode) -> u6
 }
 
 /// Bytes of in-flight budget a request holds until its reply is written.
-fn budget_bytes(op: &Op, payload_len: u64) -> u32 {
+fn budget_bytes(op: &Op, payload_len: u64, contexts: usize) -> u32 {
     match op {
         // Both are at most PAYLOAD_MAX_BYTES, checked by `validate`.
         Op::Read { len_bytes, .. } => *len_bytes as u32,
         Op::Write { .. } => payload_len as u32,
-        Op::BlockStatus { .. } => BLOCK_STATUS_REPLY_BUDGET_BYTES,
+        // At most DIFF_CONTEXTS_MAX + 1 contexts, so this fits (asserted above).
+        Op::BlockStatus { .. } => BLOCK_STATUS_REPLY_BUDGET_BYTES * contexts.max(1) as u32,
         _ => 0,
     }
 }
@@ -530,6 +539,7 @@ pub(crate) fn status_descriptors(
 struct Export<H> {
     handle: Arc<H>,
     view: ExportView,
+    contexts: Contexts,
 }
 
 /// A request between being read and its reply being queued. If the task running it ends
@@ -575,11 +585,14 @@ impl Drop for Pending {
     }
 }
 
+/// Runs a checked request. `sequence` numbers block status requests in the order they were
+/// read (see `meta.rs`); other requests ignore it.
 async fn execute<H: ExportHandle>(
     export: &Export<H>,
     header: &RequestHeader,
     op: Op,
     payload: Vec<u8>,
+    sequence: u64,
 ) -> Reply {
     let handle = &*export.handle;
     let mode = export.view.mode;
@@ -600,43 +613,80 @@ async fn execute<H: ExportHandle>(
         } => handle.write_zeroes(offset, len_bytes, zero_mode, fua).await,
         Op::Cache { len_bytes } => handle.cache(offset, len_bytes).await,
         Op::BlockStatus { len_bytes, req_one } => {
-            let query_len = len_bytes.min(BLOCK_STATUS_QUERY_MAX_BYTES);
-            return match handle.block_status(offset, query_len).await {
-                Ok(runs) => {
-                    let descriptors = status_descriptors(&runs, query_len, req_one);
-                    if descriptors.is_empty() {
-                        return failure(
-                            mode,
-                            cookie,
-                            offset,
-                            NBD_EIO,
-                            "storage reported no extents",
-                        );
-                    }
-                    // `validate` only lets BLOCK_STATUS through with a selected context.
-                    let context_id = export.view.allocation_context.unwrap_or_default();
-                    let payload = block_status_payload(mode, context_id, &descriptors);
-                    let mut reply = Reply::new();
-                    let reply_type = block_status_reply_type(mode);
-                    reply.chunk(
-                        mode,
-                        NBD_REPLY_FLAG_DONE,
-                        reply_type,
-                        cookie,
-                        offset,
-                        &payload,
-                        None,
-                    );
-                    reply
-                }
-                Err(error) => engine_failure(mode, cookie, offset, &error),
-            };
+            return block_status(export, cookie, offset, len_bytes, req_one, sequence).await;
         }
     };
     match result {
         Ok(()) => success(mode, header.command, cookie, offset),
         Err(error) => engine_failure(mode, cookie, offset, &error),
     }
+}
+
+/// `NBD_CMD_BLOCK_STATUS`: one `NBD_REPLY_TYPE_BLOCK_STATUS` (or `_EXT`) chunk per selected
+/// context, `base:allocation` first, then the diff contexts in id order, the last chunk
+/// flagged DONE. Every chunk starts at the request's offset and covers at most its length
+/// (capped at [`BLOCK_STATUS_QUERY_MAX_BYTES`]); with `NBD_CMD_FLAG_REQ_ONE`, exactly one
+/// descriptor each. If any context fails, the whole reply is one error chunk.
+async fn block_status<H: ExportHandle>(
+    export: &Export<H>,
+    cookie: u64,
+    offset: u64,
+    len_bytes: u64,
+    req_one: bool,
+    sequence: u64,
+) -> Reply {
+    let handle = &*export.handle;
+    let mode = export.view.mode;
+    let contexts = &export.contexts;
+    let query_len = len_bytes.min(BLOCK_STATUS_QUERY_MAX_BYTES);
+    let mut chunks: Vec<(u32, Vec<StatusDescriptor>)> = Vec::with_capacity(contexts.count());
+    if let Some(context_id) = contexts.allocation {
+        match handle.block_status(offset, query_len).await {
+            Ok(runs) => {
+                let descriptors = status_descriptors(&runs, query_len, req_one);
+                if descriptors.is_empty() {
+                    return failure(mode, cookie, offset, NBD_EIO, "storage reported no extents");
+                }
+                chunks.push((context_id, descriptors));
+            }
+            Err(error) => return engine_failure(mode, cookie, offset, &error),
+        }
+    }
+    for diff in &contexts.diffs {
+        match contexts.changed_blocks(handle, diff, sequence).await {
+            Ok(blocks) => {
+                let flag = diff.namespace.changed_flag();
+                let descriptors = diff_descriptors(&blocks, offset, query_len, req_one, flag);
+                // `validate` refuses zero-length requests, so there is always one.
+                debug_assert!(!descriptors.is_empty());
+                chunks.push((diff.id, descriptors));
+            }
+            Err(error) => return engine_failure(mode, cookie, offset, &error),
+        }
+    }
+    if chunks.is_empty() {
+        // `validate` only lets BLOCK_STATUS through with a selected context.
+        return failure(
+            mode,
+            cookie,
+            offset,
+            NBD_EINVAL,
+            "no metadata context was selected for this export",
+        );
+    }
+    let mut reply = Reply::new();
+    let reply_type = block_status_reply_type(mode);
+    let last = chunks.len() - 1;
+    for (index, (context_id, descriptors)) in chunks.iter().enumerate() {
+        let flags = if index == last {
+            NBD_REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let payload = block_status_payload(mode, *context_id, descriptors);
+        reply.chunk(mode, flags, reply_type, cookie, offset, &payload, None);
+    }
+    reply
 }
 
 async fn read<H: ExportHandle>(
@@ -710,15 +760,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let contexts = Contexts::new(negotiated.contexts);
     let view = ExportView {
         size_bytes: negotiated.size_bytes,
         read_only: negotiated.read_only,
         mode: negotiated.mode,
-        allocation_context: negotiated.allocation_context,
+        contexts: contexts.count(),
     };
     let export = Arc::new(Export {
         handle: negotiated.handle,
         view,
+        contexts,
     });
     let slots_max = options.in_flight_requests_max;
     let slots = Arc::new(Semaphore::new(slots_max));
@@ -796,9 +848,13 @@ where
             }
         };
 
-        let Some(permits) =
-            acquire(&slots, &budget, budget_bytes(&op, payload_len), &reply_tx).await
-        else {
+        // Numbered here, in the order requests are read, before waiting for budget.
+        let sequence = match op {
+            Op::BlockStatus { .. } => export.contexts.arrive(),
+            _ => 0,
+        };
+        let bytes = budget_bytes(&op, payload_len, view.contexts);
+        let Some(permits) = acquire(&slots, &budget, bytes, &reply_tx).await else {
             break Ending::WriterStopped;
         };
         let mut payload = Vec::new();
@@ -819,7 +875,7 @@ where
         let export = export.clone();
         tokio::spawn(
             async move {
-                let reply = execute(&export, &header, op, payload).await;
+                let reply = execute(&export, &header, op, payload, sequence).await;
                 pending.complete(reply).await;
             }
             .in_current_span(),
@@ -993,7 +1049,7 @@ mod tests {
             size_bytes: 1 << 20,
             read_only,
             mode,
-            allocation_context: Some(1),
+            contexts: 1,
         }
     }
 
@@ -1233,7 +1289,7 @@ mod tests {
     #[test]
     fn nbd_cmd_block_status_needs_a_context() {
         let mut export = view(ReplyMode::Structured, false);
-        export.allocation_context = None;
+        export.contexts = 0;
         assert_eq!(
             validate(&request(Command::BlockStatus, 0, 0, 4096), &export).map_err(|r| r.errno),
             Err(NBD_EINVAL)

@@ -249,3 +249,220 @@ async fn qemu_io_against_an_engine_pool() {
         "{text}"
     );
 }
+
+/// `(id, name)` of the contexts a `NBD_OPT_SET_META_CONTEXT` selected.
+async fn select_contexts(
+    client: &mut Client,
+    export: &str,
+    queries: &[&str],
+) -> Vec<(u32, String)> {
+    let request = MetaContextRequest {
+        name: export.into(),
+        queries: queries.iter().map(|query| query.to_string()).collect(),
+    };
+    let replies = client
+        .option(NBD_OPT_SET_META_CONTEXT, &request.encode())
+        .await;
+    assert_eq!(replies.last_type(), NBD_REP_ACK);
+    replies
+        .of_type(NBD_REP_META_CONTEXT)
+        .iter()
+        .map(|reply| {
+            (
+                u32::from_be_bytes(reply.data[0..4].try_into().unwrap()),
+                String::from_utf8(reply.data[4..].to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A structured-reply client with `queries` selected on `export`, in transmission.
+async fn diff_session(
+    server: &EngineServer,
+    export: &str,
+    queries: &[&str],
+) -> (Client, Vec<(u32, String)>) {
+    let mut client = Client::greet(
+        UnixStream::connect(&server.socket_path).await.unwrap(),
+        NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES,
+    )
+    .await;
+    client.option(NBD_OPT_STRUCTURED_REPLY, &[]).await;
+    let selected = select_contexts(&mut client, export, queries).await;
+    client.go(export, &[]).await.unwrap();
+    (client, selected)
+}
+
+/// Descriptors of every chunk of a whole-export block status request.
+async fn diff_map(client: &mut Client) -> Vec<(u32, Vec<(u64, u64)>)> {
+    let outcome = client.call(Command::BlockStatus, 0, 0, 64 << 20, &[]).await;
+    assert_eq!(outcome.error, 0, "{}", outcome.message);
+    outcome.contexts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_diff_contexts_between_refs() {
+    let server = start().await;
+    server.pool.create_volume("other", 64 << 20).await.unwrap();
+    let mut client = session(&server.socket_path, "vol", ReplyMode::Structured).await;
+    let write = |offset: u64, len: usize, byte: u8| (offset, vec![byte; len]);
+    for (offset, data) in [write(1 << 20, 65536, 1), write(8 << 20, 4096, 2)] {
+        let outcome = client
+            .call(Command::Write, 0, offset, data.len() as u64, &data)
+            .await;
+        assert_eq!(outcome.error, 0);
+    }
+    let first = server
+        .pool
+        .commit(
+            "vol",
+            "main",
+            CommitRequest {
+                message: "diff test".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id
+        .to_hex();
+    // Rewrite one block inside the first range, with the same bytes (still a change of the
+    // mapping), and write a new range.
+    for (offset, data) in [write((1 << 20) + 4096, 4096, 1), write(20 << 20, 8192, 3)] {
+        let outcome = client
+            .call(Command::Write, 0, offset, data.len() as u64, &data)
+            .await;
+        assert_eq!(outcome.error, 0);
+    }
+    client.disconnect().await;
+    let second = server
+        .pool
+        .commit(
+            "vol",
+            "main",
+            CommitRequest {
+                message: "diff test".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .id
+        .to_hex();
+    server.pool.create_tag("vol", "v2", &second).await.unwrap();
+    let changed = u64::from(GROVE_STATE_CHANGED);
+    let expected = vec![
+        ((1 << 20) + 4096, 0),
+        (4096, changed),
+        ((20 << 20) - (1 << 20) - 8192, 0),
+        (8192, changed),
+        ((44 << 20) - 8192, 0),
+    ];
+
+    // A commit export compared with the previous commit, named in three ways.
+    let by_prefix = format!("qemu:dirty-bitmap:vol@{}", &first[..12]);
+    let by_id = format!("grove:diff:{first}");
+    for export in [format!("vol@{second}"), "vol@v2".to_string()] {
+        let (mut client, selected) = diff_session(
+            &server,
+            &export,
+            &["base:allocation", &by_id, &by_prefix, "grove:diff:nope"],
+        )
+        .await;
+        assert_eq!(selected.len(), 3, "{selected:?}");
+        let map = diff_map(&mut client).await;
+        assert_eq!(map.len(), 3);
+        for (id, name) in &selected[1..] {
+            let (_, descriptors) = map.iter().find(|(context, _)| context == id).unwrap();
+            assert_eq!(descriptors, &expected, "{export} {name}");
+        }
+        client.disconnect().await;
+    }
+
+    // The branch head: equal to the second commit, until someone writes.
+    let (mut client, selected) = diff_session(&server, "vol", &["grove:diff:v2"]).await;
+    assert_eq!(selected.len(), 1);
+    assert_eq!(diff_map(&mut client).await[0].1, [(64 << 20, 0)]);
+    let mut writer = session(&server.socket_path, "vol", ReplyMode::Simple).await;
+    let outcome = writer
+        .call(Command::Write, 0, 30 << 20, 4096, &[4u8; 4096])
+        .await;
+    assert_eq!(outcome.error, 0);
+    assert_eq!(
+        diff_map(&mut client).await[0].1,
+        [(30 << 20, 0), (4096, changed), ((34 << 20) - 4096, 0)],
+        "a write on another connection shows at once"
+    );
+    writer.disconnect().await;
+    client.disconnect().await;
+
+    // Refs that do not resolve, or belong to an unrelated volume, are not selected.
+    let (mut client, selected) = diff_session(
+        &server,
+        "vol",
+        &[
+            "grove:diff:nope",
+            "grove:diff:other@main",
+            "qemu:dirty-bitmap:other",
+            "grove:diff:vol@",
+        ],
+    )
+    .await;
+    assert!(selected.is_empty(), "{selected:?}");
+    assert_eq!(
+        client
+            .call(Command::BlockStatus, 0, 0, 4096, &[])
+            .await
+            .error,
+        NBD_EINVAL
+    );
+    client.disconnect().await;
+
+    // A clone compares with its source's refs.
+    server
+        .pool
+        .clone_volume(&format!("vol@{second}"), "copy")
+        .await
+        .unwrap();
+    let source_first = format!("grove:diff:vol@{first}");
+    let (mut client, selected) =
+        diff_session(&server, "copy", &[&source_first, "grove:diff:other"]).await;
+    assert_eq!(selected.len(), 1, "{selected:?}");
+    assert_eq!(diff_map(&mut client).await[0].1, expected);
+    client.disconnect().await;
+
+    // The listing offers the volume's refs in both namespaces.
+    let mut client = Client::greet(
+        UnixStream::connect(&server.socket_path).await.unwrap(),
+        NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES,
+    )
+    .await;
+    client.option(NBD_OPT_STRUCTURED_REPLY, &[]).await;
+    let request = MetaContextRequest {
+        name: "vol@v2".into(),
+        queries: vec![],
+    };
+    let replies = client
+        .option(NBD_OPT_LIST_META_CONTEXT, &request.encode())
+        .await;
+    assert_eq!(replies.last_type(), NBD_REP_ACK);
+    let names: Vec<String> = replies
+        .of_type(NBD_REP_META_CONTEXT)
+        .iter()
+        .map(|reply| String::from_utf8(reply.data[4..].to_vec()).unwrap())
+        .collect();
+    for expected in [
+        "base:allocation".to_string(),
+        "grove:diff:vol".to_string(),
+        "grove:diff:vol@v2".to_string(),
+        format!("grove:diff:vol@{first}"),
+        format!("grove:diff:vol@{second}"),
+        format!("qemu:dirty-bitmap:vol@{first}"),
+    ] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    assert!(
+        !names.iter().any(|name| name.contains("other")),
+        "{names:?}"
+    );
+}

@@ -251,10 +251,13 @@ async fn metadata_querying_base_allocation_contexts() {
             .last_type(),
         NBD_REP_ACK
     );
-    // LIST with no query, with the namespace wildcard, and with an unknown namespace.
+    // LIST with the namespace wildcard, an unknown leaf, an unknown namespace, and a diff
+    // context whose ref does not exist. (No query lists base:allocation among others; see
+    // the diff context tests.)
     for (queries, expected) in [
-        (vec![], true),
         (vec!["base:"], true),
+        (vec!["base:allocation", "base:"], true),
+        (vec!["base:nothing", "x-foo:bar"], false),
         (vec!["qemu:dirty-bitmap:x"], false),
     ] {
         let replies = client

@@ -14,6 +14,24 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most bytes of a non-JSON error body quoted in a message.
 const ERROR_TEXT_LEN_MAX: usize = 300;
 
+/// An error answer of the API, kept whole so that a command can show more than its message
+/// (the conflicting ranges of a merge). It displays as the server's message.
+#[derive(Debug)]
+pub struct ApiFailure {
+    pub status: u16,
+    pub body: ErrorBody,
+    /// The body as the server sent it.
+    pub text: String,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.body.error.message)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
 pub struct Client {
     base_url: String,
     agent: ureq::Agent,
@@ -66,7 +84,7 @@ impl Client {
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
                 match serde_json::from_str::<ErrorBody>(&text) {
-                    Ok(body) => Err(anyhow::anyhow!("{}", body.error.message)),
+                    Ok(body) => Err(ApiFailure { status, body, text }.into()),
                     Err(_) => {
                         let text: String = text.trim().chars().take(ERROR_TEXT_LEN_MAX).collect();
                         Err(anyhow::anyhow!("the API answered HTTP {status}: {text}"))

@@ -1,23 +1,30 @@
 //! `grove commit VOL[@BRANCH] -m MSG [--author A] [--meta k=v]...`: prints the new commit id.
+//! `grove commit delete VOL ID`: squashes a commit into its children.
 
 use std::collections::BTreeMap;
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use grove_mgmt_api::model::Commit;
+use grove_mgmt_api::validate;
 use serde_json::json;
 
 use super::client::{decode, segment, Client};
 use super::output::print_json;
 use super::refs;
 
+/// `grove commit` makes a commit, unless a subcommand follows. (A volume named like a
+/// subcommand is committed as `VOL@main`.)
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct CommitArgs {
+    #[command(subcommand)]
+    pub command: Option<CommitCommand>,
     /// The branch to commit: VOL (its main branch) or VOL@BRANCH.
-    #[arg(value_name = "VOL[@BRANCH]")]
-    pub target: String,
+    #[arg(value_name = "VOL[@BRANCH]", required = true)]
+    pub target: Option<String>,
     /// Commit message.
-    #[arg(short, long, value_name = "MSG")]
-    pub message: String,
+    #[arg(short, long, value_name = "MSG", required = true)]
+    pub message: Option<String>,
     /// Who makes the commit.
     #[arg(long, value_name = "A")]
     pub author: Option<String>,
@@ -43,10 +50,40 @@ fn meta_map(entries: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, S
     Ok(meta)
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CommitCommand {
+    /// Delete a commit, squashing its changes into its children (refused while a tag names it
+    /// or it is a branch's latest commit). The space only it held returns to the pool.
+    Delete {
+        volume: String,
+        /// Commit id or a unique prefix of one.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
 pub fn run(client: &Client, json: bool, args: CommitArgs) -> anyhow::Result<()> {
-    let target = refs::parse_branch(&args.target)?;
+    if let Some(CommitCommand::Delete { volume, id }) = args.command {
+        validate::volume_name(&volume)?;
+        let id = validate::commit_id_prefix(&id)?;
+        let text = client.delete(&format!(
+            "/v1/volumes/{}/commits/{}",
+            segment(&volume)?,
+            segment(&id)?
+        ))?;
+        if json {
+            return print_json(&text);
+        }
+        println!("deleted commit {id} of volume {volume} (squashed into its children)");
+        return Ok(());
+    }
+    // Clap requires both when no subcommand is given.
+    let (Some(target), Some(message)) = (args.target, args.message) else {
+        anyhow::bail!("usage: grove commit VOL[@BRANCH] -m MSG");
+    };
+    let target = refs::parse_branch(&target)?;
     let meta = meta_map(args.meta)?;
-    let mut body = json!({"message": args.message, "meta": meta});
+    let mut body = json!({"message": message, "meta": meta});
     if let Some(author) = &args.author {
         body["author"] = json!(author);
     }

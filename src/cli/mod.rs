@@ -1,13 +1,17 @@
 //! The command line: `grove serve` and the client commands, which talk to a running daemon's
 //! HTTP API and print tables (or the API's JSON with `--json`).
 
+mod blame;
 mod branch;
 mod client;
 mod commit;
+mod diff;
 mod log;
+mod merge;
 mod output;
 mod pool;
 mod refs;
+mod reset;
 mod sessions;
 mod tag;
 mod volume;
@@ -48,21 +52,30 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Run the daemon: the pool, the NBD server and the HTTP API.
     Serve(ServeArgs),
-    /// Create, list, show and delete volumes.
+    /// Create, clone, list, show and delete volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
-    /// Show the pool's capacity, used and free bytes.
-    Pool,
+    /// Show the pool's capacity, used and free bytes; `pool reclaim` frees unreferenced space.
+    Pool(pool::PoolArgs),
     /// Create, list and delete branches.
     #[command(subcommand)]
     Branch(branch::BranchCommand),
-    /// Commit the head of a branch; prints the new commit id.
+    /// Commit the head of a branch and print the new commit id; `commit delete VOL ID`
+    /// squashes a commit into its children.
     Commit(commit::CommitArgs),
     /// Create, list and delete tags.
     #[command(subcommand)]
     Tag(tag::TagCommand),
     /// Show the history of a ref, newest first.
     Log(log::LogArgs),
+    /// Show the byte ranges that differ between two refs, with counts.
+    Diff(diff::DiffArgs),
+    /// Merge a ref into a branch (three-way, against their common ancestor).
+    Merge(merge::MergeArgs),
+    /// Move a branch head back (or forward) to a commit: a rollback.
+    Reset(reset::ResetArgs),
+    /// Show which commit last wrote each part of a byte range of a ref.
+    Blame(blame::BlameArgs),
     /// List live NBD and iSCSI sessions with their I/O counters.
     Sessions,
 }
@@ -75,11 +88,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => crate::serve::main(args),
         Command::Volume(command) => volume::run(&client()?, json, command),
-        Command::Pool => pool::run(&client()?, json),
+        Command::Pool(args) => pool::run(&client()?, json, args),
         Command::Branch(command) => branch::run(&client()?, json, command),
         Command::Commit(args) => commit::run(&client()?, json, args),
         Command::Tag(command) => tag::run(&client()?, json, command),
         Command::Log(args) => log::run(&client()?, json, args),
+        Command::Diff(args) => diff::run(&client()?, json, args),
+        Command::Merge(args) => merge::run(&client()?, json, args),
+        Command::Reset(args) => reset::run(&client()?, json, args),
+        Command::Blame(args) => blame::run(&client()?, json, args),
         Command::Sessions => sessions::run(&client()?, json),
     }
 }
@@ -157,6 +174,17 @@ mod tests {
             "grove tag delete vm v1",
             "grove log vm@dev --limit 5",
             "grove sessions",
+            "grove volume clone vm@v1 vm-2",
+            "grove diff vm@v1 vm@dev --json",
+            "grove diff vm vm-2@main",
+            "grove merge vm --from vm@dev --into main",
+            "grove merge vm --from dev --into main --strategy theirs --dry-run -m msg --author ana",
+            "grove reset vm@dev vm@v1",
+            "grove reset vm@dev v1 --discard-uncommitted",
+            "grove blame vm@v1 --offset 0 --length 4096 --json",
+            "grove blame vm --offset 1MiB --length 64KiB",
+            "grove commit delete vm 3f2a9c",
+            "grove pool reclaim",
         ] {
             let words: Vec<&str> = line.split(' ').collect();
             Cli::try_parse_from(&words).unwrap_or_else(|error| panic!("{line}: {error}"));
@@ -169,5 +197,61 @@ mod tests {
             Cli::try_parse_from(["grove", "commit", "vm"]).is_err(),
             "-m is required"
         );
+        assert!(Cli::try_parse_from(["grove", "commit", "-m", "x"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "commit", "delete", "vm"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "commit", "delete", "vm", "ab", "-m", "x"]).is_err());
+        assert!(
+            Cli::try_parse_from(["grove", "merge", "vm", "--from", "dev"]).is_err(),
+            "--into is required"
+        );
+        assert!(Cli::try_parse_from([
+            "grove",
+            "merge",
+            "vm",
+            "--from",
+            "a",
+            "--into",
+            "b",
+            "--strategy",
+            "mine"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["grove", "blame", "vm", "--offset", "0"]).is_err(),
+            "--length is required"
+        );
+        assert!(
+            Cli::try_parse_from(["grove", "blame", "vm", "--offset", "x", "--length", "1"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["grove", "diff", "vm"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "reset", "vm@dev"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "pool", "scrub"]).is_err());
+    }
+
+    #[test]
+    fn commit_makes_or_deletes() {
+        let cli = Cli::try_parse_from(["grove", "commit", "vm@dev", "-m", "msg"]).expect("parses");
+        let Command::Commit(args) = cli.command else {
+            panic!("not commit")
+        };
+        assert!(args.command.is_none());
+        assert_eq!(args.target.as_deref(), Some("vm@dev"));
+        assert_eq!(args.message.as_deref(), Some("msg"));
+        let cli = Cli::try_parse_from(["grove", "commit", "delete", "vm", "3f2a"]).expect("parses");
+        let Command::Commit(args) = cli.command else {
+            panic!("not commit")
+        };
+        assert!(matches!(
+            args.command,
+            Some(commit::CommitCommand::Delete { ref volume, ref id }) if volume == "vm" && id == "3f2a"
+        ));
+        // A volume named like the subcommand is reached through VOL@main.
+        let cli =
+            Cli::try_parse_from(["grove", "commit", "delete@main", "-m", "m"]).expect("parses");
+        let Command::Commit(args) = cli.command else {
+            panic!("not commit")
+        };
+        assert_eq!(args.target.as_deref(), Some("delete@main"));
     }
 }

@@ -50,6 +50,27 @@ pub fn name_in_volume(volume: &str, text: &str) -> anyhow::Result<String> {
     Ok(text.to_string())
 }
 
+/// A full ref, `VOL@NAME`, from `VOL` or `VOL@NAME`.
+pub fn full(text: &str) -> anyhow::Result<String> {
+    let parsed = parse(text)?;
+    Ok(format!("{}@{}", parsed.volume, parsed.name))
+}
+
+/// A ref given next to a volume argument to an operation that may reach a volume sharing its
+/// history (`merge --from`, `reset`): a full `VOL@NAME` of any volume, `VOL` alone for its main
+/// branch, or a bare `NAME` within `volume`. Returns what the API takes.
+pub fn ref_in_context(volume: &str, text: &str) -> anyhow::Result<String> {
+    validate::volume_name(volume)?;
+    if text.contains('@') {
+        return full(text);
+    }
+    if text == volume {
+        return Ok(MAIN_BRANCH.to_string());
+    }
+    validate_ref_name("ref", text).map_err(ApiError::from)?;
+    Ok(text.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +117,18 @@ mod tests {
         assert!(name_in_volume("vm", "a b").is_err());
         assert!(name_in_volume("vm", "vm@").is_err());
         assert!(name_in_volume("VM", "main").is_err());
+    }
+
+    #[test]
+    fn refs_in_context() {
+        assert_eq!(full("vm").unwrap(), "vm@main");
+        assert_eq!(full("vm@dev/1").unwrap(), "vm@dev/1");
+        assert!(full("vm@").is_err());
+        assert_eq!(ref_in_context("vm", "vm").unwrap(), "main");
+        assert_eq!(ref_in_context("vm", "dev").unwrap(), "dev");
+        assert_eq!(ref_in_context("vm", "clone@v1").unwrap(), "clone@v1");
+        assert_eq!(ref_in_context("vm", "clone").unwrap(), "clone");
+        assert!(ref_in_context("vm", "a b").is_err());
+        assert!(ref_in_context("vm", "x@").is_err());
     }
 }

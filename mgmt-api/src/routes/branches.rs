@@ -1,4 +1,5 @@
-//! `/v1/volumes/{vol}/branches` and `/v1/volumes/{vol}/branches/{branch}`.
+//! `/v1/volumes/{vol}/branches`, `/v1/volumes/{vol}/branches/{branch}` and
+//! `/v1/volumes/{vol}/branches/{branch}/reset`.
 //!
 //! Branch names may contain '/': clients send it percent-encoded as %2F inside the path
 //! segment (`/v1/volumes/vm/branches/feature%2Fx`), and the path extractor decodes it.
@@ -9,10 +10,10 @@ use axum::response::IntoResponse;
 use axum::Json;
 use grove_engine::Pool;
 
-use super::{blocking, encode_segment, location};
+use super::{blocking, encode_segment, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiPath, JsonBody};
-use crate::model::{Branch, CreateBranch};
+use crate::model::{Branch, CreateBranch, ResetBranch};
 use crate::validate;
 
 /// List the branches of a volume.
@@ -101,7 +102,11 @@ pub async fn show_branch(
     Ok(Json(info.into()))
 }
 
-/// Delete a branch. Its commits stay while a tag or another branch reaches them.
+/// Delete a branch.
+///
+/// The space only its head held (writes since its latest commit) returns to the pool. Its
+/// commits stay, reachable by id, until they are deleted (`DELETE
+/// /v1/volumes/{vol}/commits/{id}`).
 #[utoipa::path(
     delete,
     path = "/v1/volumes/{vol}/branches/{branch}",
@@ -125,4 +130,42 @@ pub async fn delete_branch(
     validate::branch_name(&branch)?;
     pool.delete_branch(&volume, &branch).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Reset a branch: move its head to a commit (a rollback).
+///
+/// The head then reads exactly as the target commit and continues from it, as if the branch
+/// had just been made there. Commits the branch leaves behind stay, reachable by id, until
+/// they are deleted; discarded writes return to the pool.
+/// Uncommitted writes on the head are refused unless `discard_uncommitted` is set; a branch
+/// with open sessions is refused (their device would change under them).
+#[utoipa::path(
+    post,
+    path = "/v1/volumes/{vol}/branches/{branch}/reset",
+    tag = "branches",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("branch" = String, Path, description = "Branch name, with '/' sent as %2F"),
+    ),
+    request_body = ResetBranch,
+    responses(
+        (status = 200, description = "The branch after the reset", body = Branch),
+        (status = 400, description = "Invalid name, ref or body; a target branch with no commits; a volume with no shared history", body = ErrorBody),
+        (status = 404, description = "No such volume, branch or ref", body = ErrorBody),
+        (status = 409, description = "Uncommitted writes without discard_uncommitted, or open sessions on the branch", body = ErrorBody),
+    )
+)]
+pub async fn reset_branch(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+    JsonBody(request): JsonBody<ResetBranch>,
+) -> Result<Json<Branch>, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    let target = validate::ref_in_context(&volume, &request.to)?;
+    resolve_ref(&pool, &volume, &target).await?;
+    let info = pool
+        .reset_branch(&volume, &branch, &target, request.discard_uncommitted)
+        .await?;
+    Ok(Json(info.into()))
 }

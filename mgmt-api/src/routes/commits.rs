@@ -1,5 +1,5 @@
 //! Commits: `POST /v1/volumes/{vol}/branches/{branch}/commits`,
-//! `GET /v1/volumes/{vol}/commits/{id}` and `GET /v1/volumes/{vol}/log`.
+//! `GET` and `DELETE /v1/volumes/{vol}/commits/{id}`, and `GET /v1/volumes/{vol}/log`.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -69,6 +69,37 @@ pub async fn show_commit(
     let id = validate::commit_id_prefix(&id)?;
     let info = blocking(pool, move |pool| Ok(pool.commit_info(&volume, &id)?)).await?;
     Ok(Json(info.into()))
+}
+
+/// Delete a commit, squashing it into its children.
+///
+/// Each child records the deleted commit's changes as its own and takes its parents, so every
+/// other commit keeps its content; the space only the deleted commit held returns to the pool.
+/// Refused while a tag names the commit or it is a branch's latest commit: delete the tag or
+/// reset the branch first.
+#[utoipa::path(
+    delete,
+    path = "/v1/volumes/{vol}/commits/{id}",
+    tag = "commits",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("id" = String, Path, description = "Commit id (32 hex digits) or a unique prefix of one"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Invalid id, or a prefix matching several commits", body = ErrorBody),
+        (status = 404, description = "No such volume or commit", body = ErrorBody),
+        (status = 409, description = "A tag or a branch head still needs the commit", body = ErrorBody),
+    )
+)]
+pub async fn delete_commit(
+    State(pool): State<Pool>,
+    ApiPath((volume, id)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    validate::volume_name(&volume)?;
+    let id = validate::commit_id_prefix(&id)?;
+    pool.delete_commit(&volume, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// History of a ref, newest first, following first parents.

@@ -5,13 +5,15 @@
 pub mod branches;
 pub mod commits;
 pub mod health;
+pub mod history;
+pub mod merges;
 pub mod pool;
 pub mod sessions;
 pub mod tags;
 pub mod volumes;
 
 use axum::http::{header, HeaderValue};
-use grove_engine::Pool;
+use grove_engine::{Error as EngineError, Pool, ResolvedRef};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -24,14 +26,20 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(health::readyz))
         .routes(routes!(health::openapi_json))
         .routes(routes!(pool::pool_status))
+        .routes(routes!(pool::reclaim))
         .routes(routes!(sessions::list_sessions))
         .routes(routes!(volumes::list_volumes, volumes::create_volume))
         .routes(routes!(volumes::show_volume, volumes::delete_volume))
+        .routes(routes!(volumes::list_clones, volumes::create_clone))
         .routes(routes!(branches::list_branches, branches::create_branch))
         .routes(routes!(branches::show_branch, branches::delete_branch))
+        .routes(routes!(branches::reset_branch))
         .routes(routes!(commits::create_commit))
-        .routes(routes!(commits::show_commit))
+        .routes(routes!(commits::show_commit, commits::delete_commit))
         .routes(routes!(commits::log))
+        .routes(routes!(history::diff))
+        .routes(routes!(history::blame))
+        .routes(routes!(merges::merge))
         .routes(routes!(tags::list_tags, tags::create_tag))
         .routes(routes!(tags::show_tag, tags::delete_tag))
 }
@@ -47,6 +55,30 @@ where
         .map_err(|error| {
             ApiError::internal(format!("the request failed inside the server: {error}"))
         })?
+}
+
+/// Resolves a ref given in the context of `volume` (see `validate::ref_in_context`) before an
+/// operation uses it, so that an unknown volume or ref is reported by the names the client
+/// gave.
+pub(crate) async fn resolve_ref(
+    pool: &Pool,
+    volume: &str,
+    reference: &str,
+) -> Result<ResolvedRef, ApiError> {
+    let (volume, reference) = (volume.to_string(), reference.to_string());
+    blocking(pool.clone(), move |pool| {
+        pool.volume(&volume)?;
+        match pool.resolve_in(&volume, &reference) {
+            // A bare name that is no ref of the volume is also tried as a volume name.
+            Err(EngineError::NotFound { .. }) if !reference.contains('@') => {
+                Err(ApiError::not_found(format!(
+                    "no branch, tag or commit {reference:?} in volume {volume:?}, and no volume of that name"
+                )))
+            }
+            resolved => Ok(resolved?),
+        }
+    })
+    .await
 }
 
 /// A path segment for a name: '/' in branch and tag names is sent as %2F. Names are validated

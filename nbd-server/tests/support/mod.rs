@@ -202,9 +202,12 @@ pub struct Outcome {
     pub data: Vec<u8>,
     /// Chunk types in arrival order (empty for simple replies).
     pub chunk_types: Vec<u16>,
-    /// Block status descriptors `(length, flags)`.
+    /// Block status descriptors `(length, flags)` of every chunk, in arrival order.
     pub descriptors: Vec<(u64, u64)>,
+    /// The context id of the last block status chunk.
     pub context_id: Option<u32>,
+    /// Block status chunks as `(context id, descriptors)`, in arrival order.
+    pub contexts: Vec<(u32, Vec<(u64, u64)>)>,
 }
 
 pub struct Client {
@@ -547,12 +550,15 @@ fn apply_chunk(
             assert!(!extended);
             assert!(payload.len() >= 12 && (payload.len() - 4).is_multiple_of(8));
             outcome.context_id = Some(be32(payload));
+            let mut descriptors = Vec::new();
             for descriptor in payload[4..].chunks(8) {
-                outcome.descriptors.push((
+                descriptors.push((
                     u64::from(be32(descriptor)),
                     u64::from(be32(&descriptor[4..])),
                 ));
             }
+            outcome.descriptors.extend_from_slice(&descriptors);
+            outcome.contexts.push((be32(payload), descriptors));
         }
         NBD_REPLY_TYPE_BLOCK_STATUS_EXT => {
             assert!(extended);
@@ -560,11 +566,12 @@ fn apply_chunk(
             outcome.context_id = Some(be32(payload));
             let count = be32(&payload[4..]) as usize;
             assert_eq!(count * 16 + 8, payload.len());
+            let mut descriptors = Vec::new();
             for descriptor in payload[8..].chunks(16) {
-                outcome
-                    .descriptors
-                    .push((be64(descriptor), be64(&descriptor[8..])));
+                descriptors.push((be64(descriptor), be64(&descriptor[8..])));
             }
+            outcome.descriptors.extend_from_slice(&descriptors);
+            outcome.contexts.push((be32(payload), descriptors));
         }
         NBD_REPLY_TYPE_ERROR => {
             let error = be32(payload);
