@@ -441,6 +441,12 @@ impl Pool {
         .await
     }
 
+    /// Whether refs of the two volumes can be compared or merged: the same volume, or
+    /// volumes sharing history through clones (an `InvalidArgument` error says why not).
+    pub fn check_related(&self, a: &str, b: &str) -> Result<()> {
+        self.inner.state.lock().catalog.check_related(a, b)
+    }
+
     /// The nearest common ancestor of two refs' histories (`None`: only the empty volume).
     pub fn merge_base(&self, volume: &str, a: &str, b: &str) -> Result<Option<CommitId>> {
         let (a, b) = (self.resolve_in(volume, a)?, self.resolve_in(volume, b)?);

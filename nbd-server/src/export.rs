@@ -22,10 +22,6 @@ use grove_engine::{
     SessionClient, ZeroMode, MAIN_BRANCH,
 };
 
-/// Most volumes followed up a clone's origins when checking that two volumes share history
-/// (a bound on a walk over stored metadata).
-const LINEAGE_DEPTH_MAX: usize = 1024;
-
 /// A ref an export can be compared with: the `REF` of a `grove:diff:REF` or
 /// `qemu:dirty-bitmap:REF` context, as the provider accepted it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -176,36 +172,6 @@ impl PoolProvider {
     }
 }
 
-impl PoolProvider {
-    /// Whether refs of the two volumes can be compared: the same volume, or clones of a
-    /// common source (the rule `Pool::diff` applies).
-    fn related(&self, a: &str, b: &str) -> bool {
-        let lineage_a = self.lineage(a);
-        self.lineage(b)
-            .iter()
-            .any(|volume| lineage_a.contains(volume))
-    }
-
-    /// The volume and the volumes it was cloned from, nearest first.
-    fn lineage(&self, volume: &str) -> Vec<String> {
-        let mut out = vec![volume.to_string()];
-        while out.len() < LINEAGE_DEPTH_MAX {
-            let Some(origin) = out
-                .last()
-                .and_then(|name| self.pool.volume(name).ok())
-                .and_then(|info| info.origin)
-            else {
-                break;
-            };
-            if out.contains(&origin.volume) {
-                break;
-            }
-            out.push(origin.volume);
-        }
-        out
-    }
-}
-
 /// A resolved ref spelled so that it resolves the same way for the whole connection: a branch
 /// as `VOL@BRANCH` (its head, which moves), a tag or commit as `VOL@COMMITID`.
 fn pinned_reference(resolved: &ResolvedRef) -> String {
@@ -256,7 +222,11 @@ impl ExportProvider for PoolProvider {
     fn diff_base(&self, export: &str, reference: &str) -> Result<DiffBase> {
         let target = self.pool.resolve(export)?;
         let base = self.pool.resolve_in(target.volume(), reference)?;
-        if !self.related(target.volume(), base.volume()) {
+        if self
+            .pool
+            .check_related(target.volume(), base.volume())
+            .is_err()
+        {
             return Err(Error::InvalidArgument(format!(
                 "volumes {:?} and {:?} share no history",
                 target.volume(),
