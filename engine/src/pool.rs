@@ -118,7 +118,7 @@ pub(crate) struct PoolInner {
     /// The exclusive lock on the pool directory, held while the pool is open.
     dir_lock: Mutex<Option<std::fs::File>>,
     /// One space scan at a time.
-    pub(crate) reclaim_lock: tokio::sync::Mutex<()>,
+    pub(crate) reclaim_lock: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the background reclaimer.
     pub(crate) reclaim_wanted: Arc<tokio::sync::Notify>,
     /// The latest scan's figures.

@@ -244,19 +244,25 @@ impl Pool {
     /// Runs a scan now (waiting for one in progress): returns unreferenced space to the pool
     /// and measures what each ref holds alone.
     pub async fn reclaim(&self) -> Result<SpaceReport> {
-        let _one_at_a_time = self.inner.reclaim_lock.lock().await;
+        // The guard goes with the scan to its thread: a caller that gives up (an HTTP client
+        // gone) must not let a second scan start beside one still running.
+        let one_at_a_time = self.inner.reclaim_lock.clone().lock_owned().await;
         self.inner.check_writable()?;
         let inner = self.inner.clone();
-        let report = run_blocking(move || scan(&inner)).await?;
-        // The sweep's frees become reusable at this sync point.
-        self.inner.flush().await?;
-        *self.inner.space.lock() = Some(report.clone());
-        tracing::info!(
-            reclaimed_bytes = report.reclaimed_bytes,
-            generation = report.generation,
-            "space scan done"
-        );
-        Ok(report)
+        run_blocking(move || {
+            let report = scan(&inner)?;
+            // The sweep's frees become reusable at this sync point.
+            inner.sync(|_| Ok((Vec::new(), Vec::new())))?;
+            *inner.space.lock() = Some(report.clone());
+            drop(one_at_a_time);
+            tracing::info!(
+                reclaimed_bytes = report.reclaimed_bytes,
+                generation = report.generation,
+                "space scan done"
+            );
+            Ok(report)
+        })
+        .await
     }
 
     /// The figures of the latest scan, if any ran since the pool opened.
@@ -295,6 +301,9 @@ impl Pool {
 fn scan(inner: &PoolInner) -> Result<SpaceReport> {
     {
         let mut st = inner.state.lock();
+        if st.scan_active {
+            return Err(Error::Conflict("a space scan is already running".into()));
+        }
         st.scan_active = true;
         st.data.start_tracking();
         st.meta.pages.start_tracking();

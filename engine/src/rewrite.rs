@@ -87,10 +87,26 @@ impl Pool {
 
     /// Deletes a commit, folding its changes into its children (squashing history): each
     /// child whose first parent it was records its changes too, and takes its parents. Refused
-    /// while a tag points at it or it is a branch's latest commit. The space only it held
-    /// returns to the pool.
+    /// while a tag points at it, it is a branch's latest commit, or sessions read it. The
+    /// space only it held returns to the pool.
     pub async fn delete_commit(&self, volume: &str, id_or_prefix: &str) -> Result<()> {
-        let (volume, prefix) = (volume.to_string(), id_or_prefix.to_string());
+        let id = self.commit_info(volume, id_or_prefix)?.id;
+        let attached = self
+            .sessions()
+            .iter()
+            .filter(|s| match &s.target {
+                ResolvedRef::Commit { commit, .. } | ResolvedRef::Tag { commit, .. } => {
+                    *commit == id
+                }
+                ResolvedRef::Branch { .. } => false,
+            })
+            .count();
+        if attached > 0 {
+            return Err(Error::Conflict(format!(
+                "commit {id} has {attached} open sessions; disconnect them first"
+            )));
+        }
+        let (volume, prefix) = (volume.to_string(), id.to_hex());
         self.inner
             .change(move |st| {
                 let commit = st.catalog.find_commit(&volume, &prefix)?.clone();
@@ -106,11 +122,14 @@ impl Pool {
                     .cloned()
                     .collect();
                 let mut ops = Vec::new();
+                // Frees are queued only once nothing can fail any more: a blob written for a
+                // change that fails is merely unreferenced, and the reclaimer returns it.
+                let mut replaced_blobs = vec![commit.bitmap];
                 for mut child in children.iter().cloned() {
                     if child.info.parents.first() == Some(&id) {
                         let mut changed = commit_bitmap(&st.meta, &child)?;
                         changed |= &bitmap;
-                        free_blob(st, &child.bitmap);
+                        replaced_blobs.push(child.bitmap);
                         child.bitmap = write_bitmap(st, &changed)?;
                         child.info.changed_blocks = changed.len();
                     }
@@ -130,7 +149,9 @@ impl Pool {
                     child.info.parents = parents;
                     ops.push(CatalogOp::Commit { commit: child });
                 }
-                free_blob(st, &commit.bitmap);
+                for blob in &replaced_blobs {
+                    free_blob(st, blob);
+                }
                 ops.push(CatalogOp::DeleteCommit {
                     volume: volume.clone(),
                     id,

@@ -145,6 +145,15 @@ async fn squashing_a_commit_returns_its_own_blocks() {
         "refusals change nothing"
     );
     pool.delete_tag("v", "keep").await.unwrap();
+    {
+        let _reader = pool
+            .open_session(&format!("v@{}", c1.id), client())
+            .unwrap();
+        assert!(matches!(
+            pool.delete_commit("v", &c1.id.to_hex()).await,
+            Err(Error::Conflict(_))
+        ));
+    }
     pool.delete_commit("v", &c1.id.to_hex()).await.unwrap();
     let report = pool.reclaim().await.unwrap();
     assert!(report.reclaimed_bytes >= 1000 * BLOCK_SIZE, "{report:?}");
