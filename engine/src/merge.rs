@@ -123,11 +123,7 @@ impl Pool {
                 volume: volume.to_string(),
                 branch: into.clone(),
             };
-            let attached = self
-                .sessions()
-                .iter()
-                .filter(|s| s.target == export)
-                .count();
+            let attached = self.attached(|target| *target == export);
             if attached > 0 {
                 return Err(Error::Conflict(format!(
                     "branch {into:?} of volume {volume:?} has {attached} open sessions; disconnect them before merging into it"

@@ -453,11 +453,7 @@ impl Pool {
             volume: volume.to_string(),
             branch: branch.to_string(),
         };
-        let attached = self
-            .sessions()
-            .iter()
-            .filter(|s| s.target == export)
-            .count();
+        let attached = self.attached(|target| *target == export);
         if attached > 0 {
             return Err(Error::Conflict(format!(
                 "branch {branch:?} of volume {volume:?} has {attached} open sessions"
@@ -839,6 +835,15 @@ impl Pool {
             size_bytes,
             target: session_target,
         }))
+    }
+
+    /// How many sessions are open on refs matching `on`.
+    pub(crate) fn attached(&self, on: impl Fn(&ResolvedRef) -> bool) -> usize {
+        let sessions = self.inner.sessions.lock();
+        sessions
+            .values()
+            .filter(|(info, _)| on(&info.target))
+            .count()
     }
 
     /// Live sessions.

@@ -34,11 +34,7 @@ impl Pool {
             branch: branch.to_string(),
         };
         let (gated, gate) = self.gate_head(volume, branch).await?;
-        let attached = self
-            .sessions()
-            .iter()
-            .filter(|s| s.target == export)
-            .count();
+        let attached = self.attached(|target| *target == export);
         if attached > 0 {
             return Err(Error::Conflict(format!(
                 "branch {branch:?} of volume {volume:?} has {attached} open sessions; disconnect them before a reset"
@@ -91,16 +87,10 @@ impl Pool {
     /// space only it held returns to the pool.
     pub async fn delete_commit(&self, volume: &str, id_or_prefix: &str) -> Result<()> {
         let id = self.commit_info(volume, id_or_prefix)?.id;
-        let attached = self
-            .sessions()
-            .iter()
-            .filter(|s| match &s.target {
-                ResolvedRef::Commit { commit, .. } | ResolvedRef::Tag { commit, .. } => {
-                    *commit == id
-                }
-                ResolvedRef::Branch { .. } => false,
-            })
-            .count();
+        let attached = self.attached(|target| match target {
+            ResolvedRef::Commit { commit, .. } | ResolvedRef::Tag { commit, .. } => *commit == id,
+            ResolvedRef::Branch { .. } => false,
+        });
         if attached > 0 {
             return Err(Error::Conflict(format!(
                 "commit {id} has {attached} open sessions; disconnect them first"
