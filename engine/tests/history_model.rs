@@ -106,6 +106,24 @@ async fn check_diff(pool: &Pool, model: &Model, rng: &mut StdRng) {
     }
 }
 
+/// Commits a head and records the commit in the model.
+async fn commit(pool: &Pool, model: &mut Model, volume: &str, branch: &str, message: String) {
+    let request = CommitRequest {
+        message,
+        ..Default::default()
+    };
+    let info = pool.commit(volume, branch, request).await.unwrap();
+    let head = model
+        .heads
+        .get_mut(&(volume.to_string(), branch.to_string()))
+        .unwrap();
+    head.1 = Some(info.id);
+    head.2 = false;
+    model
+        .commits
+        .insert(info.id, (volume.to_string(), head.0.clone()));
+}
+
 async fn run_seed(seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let disk = SimDisk::new();
@@ -166,26 +184,7 @@ async fn run_seed(seed: u64) {
                     .unwrap();
             }
             40..=54 => {
-                let info = pool
-                    .commit(
-                        &volume,
-                        &branch,
-                        CommitRequest {
-                            message: format!("step {step}"),
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .unwrap();
-                let head = model
-                    .heads
-                    .get_mut(&(volume.clone(), branch.clone()))
-                    .unwrap();
-                head.1 = Some(info.id);
-                head.2 = false;
-                model
-                    .commits
-                    .insert(info.id, (volume.clone(), head.0.clone()));
+                commit(&pool, &mut model, &volume, &branch, format!("step {step}")).await;
             }
             55..=61 if model.heads.len() < 6 => {
                 let name = format!("b{step}");
@@ -239,26 +238,14 @@ async fn run_seed(seed: u64) {
                 };
                 if rng.gen_bool(0.6) && model.heads[&(volume.clone(), branch.clone())].2 {
                     // Usually commit first, so that merges happen.
-                    let info = pool
-                        .commit(
-                            &volume,
-                            &branch,
-                            CommitRequest {
-                                message: format!("before merge {step}"),
-                                ..Default::default()
-                            },
-                        )
-                        .await
-                        .unwrap();
-                    let head = model
-                        .heads
-                        .get_mut(&(volume.clone(), branch.clone()))
-                        .unwrap();
-                    head.1 = Some(info.id);
-                    head.2 = false;
-                    model
-                        .commits
-                        .insert(info.id, (volume.clone(), head.0.clone()));
+                    commit(
+                        &pool,
+                        &mut model,
+                        &volume,
+                        &branch,
+                        format!("before merge {step}"),
+                    )
+                    .await;
                 }
                 let (ours_img, ours, dirty) =
                     model.heads[&(volume.clone(), branch.clone())].clone();
