@@ -409,9 +409,11 @@ fn bad_requests_in_transmission() {
         &[0xee; 100],
     )
     .expect("send partial write");
-    conn.hang_up();
-    // The complete pipelined writes may or may not have landed; put the area back to zero so
-    // the final check is exact, and make sure the partial one did not land.
+    let writer = conn.hang_up();
+    // The complete pipelined writes may or may not have landed; once the server has finished
+    // with them, put the area back to zero so the final check is exact, and make sure the
+    // partial one did not land.
+    grove.wait_session_closed(&writer);
     let (mut conn, _) = nbd::open(port, "v");
     let zeroed = conn
         .command(nbd::CMD_WRITE_ZEROES, 0, PATTERN_BYTES, 16 * 4096)

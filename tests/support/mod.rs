@@ -549,6 +549,30 @@ impl Grove {
         http(method, &format!("{}{path}", self.api()), body)
     }
 
+    /// Waits until the server has closed the session of the client at `address`. A client
+    /// that hangs up with requests in flight does not wait for the server to finish them; a
+    /// test that then writes the same blocks over another connection must wait for this.
+    pub fn wait_session_closed(&self, address: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = self.http("GET", "/v1/sessions", None);
+            assert_eq!(reply.status, 200, "GET /v1/sessions: {reply:?}");
+            let open = reply.json().as_array().is_some_and(|sessions| {
+                sessions
+                    .iter()
+                    .any(|session| session["client"]["address"] == address)
+            });
+            if !open {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the session of {address} is still open 30 s after its client hung up"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn assert_healthy(&mut self) {
         self.assert_alive();
         let reply = self.http("GET", "/healthz", None);

@@ -420,8 +420,16 @@ impl Conn {
     }
 
     /// Drops the connection without any protocol-level goodbye.
-    pub fn hang_up(self) {
+    /// Shuts the connection down without NBD_CMD_DISC; returns the client address the
+    /// server knows this connection by.
+    pub fn hang_up(self) -> String {
+        let address = self
+            .stream
+            .local_addr()
+            .map(|address| address.to_string())
+            .unwrap_or_default();
         let _ = self.stream.shutdown(Shutdown::Both);
+        address
     }
 }
 
