@@ -10,12 +10,24 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::types::*;
 
-/// Where a commit's roaring bitmap of changed blocks is stored in the metadata file.
+/// Where a roaring bitmap (a commit's changed blocks, a merge's taken or conflicting blocks)
+/// is stored in the metadata file.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BlobRef {
     pub page: u64,
     pub len_bytes: u64,
     pub crc: u32,
+}
+
+impl BlobRef {
+    /// The metadata pages the blob occupies.
+    pub fn pages(&self) -> std::ops::Range<u64> {
+        let n = self
+            .len_bytes
+            .div_ceil(crate::format::PAGE_SIZE as u64)
+            .max(1);
+        self.page..self.page + n
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -43,6 +55,53 @@ pub struct HeadRecord {
     /// Generation of `base` (0 without one): extents born after it are the head's changes.
     pub base_gen: u64,
     pub created_unix: u64,
+    /// Set on a merge branch: a merge left open for resolution by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<Box<MergeState>>,
+}
+
+impl HeadRecord {
+    /// The commits the head needs: its base, and the merged commit of a merge in progress.
+    pub fn needs(&self) -> impl Iterator<Item = CommitId> + '_ {
+        self.base
+            .into_iter()
+            .chain(self.merge.as_ref().map(|m| m.theirs))
+    }
+
+    /// The metadata blobs the head references besides its map.
+    pub fn blobs(&self) -> Vec<BlobRef> {
+        match &self.merge {
+            Some(merge) => vec![merge.taken, merge.conflicts],
+            None => Vec::new(),
+        }
+    }
+}
+
+/// A merge in progress (strategy `manual`). Its merge branch starts from the target branch's
+/// latest commit (`ours`) with the blocks only the merged side changed grafted in; the
+/// conflicting blocks hold ours until someone writes them. Concluding commits the merge
+/// branch with parents `[ours, theirs]`, moves the target branch there and drops the merge
+/// branch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MergeState {
+    /// The branch the merge concludes into.
+    pub into: String,
+    /// The ref merged, as given.
+    pub from: String,
+    pub ours: Option<CommitId>,
+    pub theirs: CommitId,
+    pub base: Option<CommitId>,
+    /// Blocks taken from theirs: part of the merge branch's changes even where they were
+    /// born before `ours` (its generation alone cannot tell them apart after a reopen).
+    pub taken: BlobRef,
+    /// Blocks both sides changed differently.
+    pub conflicts: BlobRef,
+    pub message: Option<String>,
+    pub author: Option<String>,
+    pub started_unix: u64,
+    /// Generation of the sync point that opened the merge branch: extents born after it
+    /// were written on the merge branch.
+    pub started_gen: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -77,6 +77,24 @@ pub enum Event {
         /// Blocks changed on both sides differently, settled by the strategy.
         conflict_blocks: u64,
     },
+    /// A manual merge waits on its merge branch for conflicts to be resolved.
+    #[serde(rename = "merge.started")]
+    MergeStarted {
+        volume: String,
+        branch: String,
+        merge_branch: String,
+        from: CommitId,
+        taken_blocks: u64,
+        conflict_blocks: u64,
+    },
+    /// A manual merge was dropped with its merge branch; the target branch never changed.
+    #[serde(rename = "merge.aborted")]
+    MergeAborted {
+        volume: String,
+        branch: String,
+        merge_branch: String,
+        from: CommitId,
+    },
     #[serde(rename = "session.opened")]
     SessionOpened {
         session: u64,
@@ -106,6 +124,8 @@ impl Event {
             Event::CommitCreated { .. } => "commit.created",
             Event::CommitDeleted { .. } => "commit.deleted",
             Event::MergeCompleted { .. } => "merge.completed",
+            Event::MergeStarted { .. } => "merge.started",
+            Event::MergeAborted { .. } => "merge.aborted",
             Event::SessionOpened { .. } => "session.opened",
             Event::SessionClosed { .. } => "session.closed",
         }

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{Catalog, CommitRecord};
+use crate::catalog::{BlobRef, Catalog};
 use crate::error::{Error, Result};
 use crate::extent_map::MapReader;
 use crate::meta::MetaStore;
@@ -152,12 +152,11 @@ impl MapSource {
 }
 
 /// Reads a commit's stored bitmap of changed blocks.
-pub(crate) fn commit_bitmap(meta: &MetaStore, commit: &CommitRecord) -> Result<RoaringTreemap> {
-    let blob = commit.bitmap;
+pub(crate) fn read_bitmap(meta: &MetaStore, blob: &BlobRef) -> Result<RoaringTreemap> {
     let bytes = meta.read_blob(blob.page, blob.len_bytes, blob.crc)?;
     RoaringTreemap::deserialize_from(&bytes[..]).map_err(|e| {
         Error::corrupt(
-            format!("commit bitmap ({e})"),
+            format!("block bitmap ({e})"),
             format!("meta page {}", blob.page),
         )
     })
@@ -182,7 +181,7 @@ pub(crate) fn candidates(st: &State, a: &RefState, b: &RefState) -> Result<Roari
         // The newer side is a commit: the empty volume (generation 0) is never newer.
         let Some(id) = *side else { break };
         let commit = st.catalog.commit_required(&id)?;
-        out |= commit_bitmap(&st.meta, commit)?;
+        out |= read_bitmap(&st.meta, &commit.bitmap)?;
         *side = commit.info.parents.first().copied();
     }
     Ok(out)
@@ -367,7 +366,7 @@ impl Pool {
             while let Some(((_, id), mut blocks)) = pending.pop_last() {
                 let mut st = inner.state.lock();
                 let commit = st.catalog.commit_required(&id)?.clone();
-                let mut hit = &blocks & &commit_bitmap(&st.meta, &commit)?;
+                let mut hit = &blocks & &read_bitmap(&st.meta, &commit.bitmap)?;
                 blocks -= &hit;
                 let first_parent = commit.info.parents.first().copied();
                 queue(&st.catalog, &mut pending, &mut found, first_parent, blocks)?;

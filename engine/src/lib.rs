@@ -20,7 +20,9 @@ pub mod types;
 pub use error::{Error, Result};
 pub use events::{Event, EventBus};
 pub use history::{BlameRange, BlameSource, Diff};
-pub use merge::{ByteRange, MergeOutcome, MergeReport, MergeRequest, MergeStrategy};
+pub use merge::{
+    ByteRange, MergeInProgress, MergeOutcome, MergeReport, MergeRequest, MergeStrategy,
+};
 pub use pool::{IoChoice, Pool, PoolOptions};
 pub use reclaim::{SpaceReport, VolumeSpace};
 pub use roaring::RoaringTreemap;

@@ -14,12 +14,16 @@ use crate::catalog::*;
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
+use crate::history::read_bitmap;
 use crate::history::{candidates, refine, MapSource, RefState};
 use crate::io::{self, FileKind};
-use crate::pool::{check_gated, free_head_space, run_blocking, runs, Pool, PoolInner};
-use crate::rewrite::write_bitmap;
+use crate::pool::{
+    check_gated, check_name_free, free_head_space, run_blocking, runs, Pool, PoolInner, State,
+};
+use crate::rewrite::{free_blob, write_bitmap};
 use crate::session::segments;
 use crate::types::*;
+use tokio::sync::OwnedRwLockWriteGuard;
 
 /// What to do with blocks both sides changed differently.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -32,6 +36,10 @@ pub enum MergeStrategy {
     Ours,
     /// Take the merged side's content.
     Theirs,
+    /// Leave the merge in progress on a writable merge branch: the blocks only the merged
+    /// side changed are taken, the conflicting ones hold the branch's content until someone
+    /// writes them; `conclude_merge` makes the merge commit, `abort_merge` drops it.
+    Manual,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +54,9 @@ pub struct MergeRequest {
     pub dry_run: bool,
     pub message: Option<String>,
     pub author: Option<String>,
+    /// Strategy `manual`: the merge branch's name (default `merge-INTO`).
+    #[serde(default)]
+    pub merge_branch: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -59,6 +70,8 @@ pub enum MergeOutcome {
     Merged,
     /// Strategy `fail` met conflicts: nothing changed.
     Conflicts,
+    /// Strategy `manual` met conflicts: the merge waits on its merge branch.
+    InProgress,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -88,6 +101,35 @@ pub struct MergeReport {
     /// Ranges both sides changed to different content.
     pub conflicts: Vec<ByteRange>,
     pub conflict_bytes: u64,
+    /// Strategy `manual` with conflicts: the merge branch to resolve them on.
+    pub merge_branch: Option<String>,
+}
+
+/// A merge waiting on its merge branch for conflicts to be resolved by hand.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MergeInProgress {
+    pub volume: String,
+    /// The merge branch: writable, exported as `VOLUME@BRANCH`.
+    pub merge_branch: String,
+    /// The branch the merge concludes into.
+    pub into: String,
+    /// The ref merged, as given.
+    pub from: String,
+    pub from_commit: CommitId,
+    /// The target branch's latest commit when the merge began; concluding requires it
+    /// still to be.
+    pub ours_commit: Option<CommitId>,
+    pub base: Option<CommitId>,
+    /// Ranges taken from the merged side.
+    pub taken: Vec<ByteRange>,
+    pub taken_bytes: u64,
+    /// Ranges both sides changed differently: they hold the target branch's content until
+    /// written on the merge branch.
+    pub conflicts: Vec<ByteRange>,
+    pub conflict_bytes: u64,
+    /// Blocks written on the merge branch since the merge began.
+    pub edited_bytes: u64,
+    pub started_unix: u64,
 }
 
 fn byte_ranges(blocks: &RoaringTreemap) -> Vec<ByteRange> {
@@ -112,13 +154,26 @@ impl Pool {
     pub async fn merge(&self, volume: &str, request: MergeRequest) -> Result<MergeReport> {
         let theirs = self.commit_of(volume, &request.from)?;
         let into = request.into.clone();
+        let merge_branch = match request.strategy {
+            MergeStrategy::Manual => {
+                let name = request
+                    .merge_branch
+                    .clone()
+                    .unwrap_or_else(|| format!("merge-{into}"));
+                validate_ref_name("merge branch", &name)?;
+                self.check_ref_name_free(volume, &name)?;
+                Some(name)
+            }
+            _ => None,
+        };
         // The head may not change while the merge is planned and made.
         let gated = if request.dry_run {
             None
         } else {
             Some(self.gate_head(volume, &into).await?)
         };
-        if !request.dry_run {
+        // A manual merge leaves the branch as it is until it concludes.
+        if !request.dry_run && merge_branch.is_none() {
             let export = ResolvedRef::Branch {
                 volume: volume.to_string(),
                 branch: into.clone(),
@@ -134,6 +189,7 @@ impl Pool {
             let st = self.inner.state.lock();
             let id = st.catalog.head_id(volume, &into)?;
             let head = st.catalog.head(id)?;
+            refuse_merge_branch(head, "merge into it")?;
             let theirs_volume = &st.catalog.commit_required(&theirs)?.info.volume;
             st.catalog.check_related(volume, theirs_volume)?;
             if !head.changed.is_empty() {
@@ -160,6 +216,7 @@ impl Pool {
             taken_bytes: 0,
             conflicts: Vec::new(),
             conflict_bytes: 0,
+            merge_branch: None,
         };
         let inner = self.inner.clone();
         let strategy = request.strategy;
@@ -175,6 +232,9 @@ impl Pool {
             MergeOutcome::FastForward
         } else if !plan.conflicts.is_empty() && strategy == MergeStrategy::Fail {
             MergeOutcome::Conflicts
+        } else if !plan.conflicts.is_empty() && strategy == MergeStrategy::Manual {
+            report.merge_branch = merge_branch.clone();
+            MergeOutcome::InProgress
         } else {
             MergeOutcome::Merged
         };
@@ -185,6 +245,34 @@ impl Pool {
             MergeOutcome::UpToDate | MergeOutcome::Conflicts => return Ok(report),
             MergeOutcome::FastForward => theirs,
             MergeOutcome::Merged => CommitId::random(),
+            MergeOutcome::InProgress => {
+                let state = MergeState {
+                    into: into.clone(),
+                    from: request.from.clone(),
+                    ours,
+                    theirs,
+                    base: plan.base,
+                    // Written with the branch, under the same lock.
+                    taken: BlobRef {
+                        page: 0,
+                        len_bytes: 0,
+                        crc: 0,
+                    },
+                    conflicts: BlobRef {
+                        page: 0,
+                        len_bytes: 0,
+                        crc: 0,
+                    },
+                    message: request.message.filter(|m| !m.trim().is_empty()),
+                    author: request.author,
+                    started_unix: now_unix(),
+                    started_gen: 0,
+                };
+                let name = merge_branch.expect("a manual merge has a merge branch");
+                self.open_merge_branch(volume, head_id, name, gate, state, plan)
+                    .await?;
+                return Ok(report);
+            }
         };
         let outcome = report.outcome;
         let (volume, take, conflict_blocks) = (volume.to_string(), plan.take, plan.conflicts.len());
@@ -217,28 +305,8 @@ impl Pool {
                     head.record.base_gen = target.gen;
                 } else {
                     let (root, exclusive_since) = (head.record.root, head.record.exclusive_since);
-                    let mut root = root;
-                    for (start, len) in runs(&take).collect::<Vec<_>>() {
-                        let end = start + len;
-                        let theirs_extents = MapReader {
-                            store: &mut st.meta,
-                        }
-                        .lookup(target.root, start, end)
+                    let root = graft(st, &volume, root, exclusive_since, target.root, &take)
                         .map_err(|e| failing.fail_meta(e))?;
-                        let mut writer = MapWriter {
-                            store: &mut st.meta,
-                            exclusive_since,
-                        };
-                        let (new_root, removed) = writer
-                            .replace(root, start, end, None)
-                            .map_err(|e| failing.fail_meta(e))?;
-                        root = new_root;
-                        for e in theirs_extents {
-                            // Shared as it is, birth included: the head owns none of it.
-                            root = writer.insert(root, e).map_err(|e| failing.fail_meta(e))?;
-                        }
-                        st.release_extents(&volume, &removed, exclusive_since);
-                    }
                     let bitmap = write_bitmap(st, &take).map_err(|e| failing.fail_meta(e))?;
                     let size_bytes = st.catalog.volume(&volume)?.size_bytes;
                     let info = CommitInfo {
@@ -298,6 +366,324 @@ impl Pool {
         report.commit = Some(st.catalog.commit_required(&commit_id)?.info.clone());
         Ok(report)
     }
+}
+
+/// Replaces the blocks `take` of the map at `root` with the extents `from` maps there,
+/// shared as they are (birth included: the head owns none of them). Returns the new root.
+fn graft(
+    st: &mut State,
+    volume: &str,
+    mut root: u64,
+    exclusive_since: u64,
+    from: u64,
+    take: &RoaringTreemap,
+) -> Result<u64> {
+    for (start, len) in runs(take).collect::<Vec<_>>() {
+        let end = start + len;
+        let theirs = MapReader {
+            store: &mut st.meta,
+        }
+        .lookup(from, start, end)?;
+        let mut writer = MapWriter {
+            store: &mut st.meta,
+            exclusive_since,
+        };
+        let (new_root, removed) = writer.replace(root, start, end, None)?;
+        root = new_root;
+        for e in theirs {
+            root = writer.insert(root, e)?;
+        }
+        st.release_extents(volume, &removed, exclusive_since);
+    }
+    Ok(root)
+}
+
+/// Refuses what would leave a merge branch's state behind or make it wrong.
+pub(crate) fn refuse_merge_branch(head: &Head, action: &str) -> Result<()> {
+    match &head.record.merge {
+        Some(merge) => Err(Error::Conflict(format!(
+            "branch {:?} holds a merge into {:?} in progress: conclude or abort the merge before you {action}",
+            head.record.branch, merge.into
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl Pool {
+    /// Opens the merge branch of a manual merge: `ours` with the blocks only theirs changed
+    /// grafted in, its state (taken and conflicting blocks) on the head record.
+    async fn open_merge_branch(
+        &self,
+        volume: &str,
+        into_id: u64,
+        name: String,
+        gate: OwnedRwLockWriteGuard<()>,
+        mut state: MergeState,
+        plan: Plan,
+    ) -> Result<()> {
+        let volume = volume.to_string();
+        let failing = self.inner.clone();
+        self.inner
+            .change_gated(Some(gate), move |st| {
+                let id = st.catalog.head_id(&volume, &state.into)?;
+                check_gated(Some(into_id), id, &state.into)?;
+                if st.catalog.head(id)?.record.base != state.ours {
+                    return Err(Error::Conflict(format!(
+                        "branch {:?} changed while the merge was planned; try again",
+                        state.into
+                    )));
+                }
+                check_name_free(&st.catalog, &volume, &name)?;
+                let (root, base_gen) = match state.ours {
+                    Some(ours) => {
+                        let c = st.catalog.commit_required(&ours)?;
+                        (c.root, c.gen)
+                    }
+                    None => (0, 0),
+                };
+                let theirs_root = st.catalog.commit_required(&state.theirs)?.root;
+                let gen = st.meta.gen;
+                // Nodes written now are the merge branch's own; every grafted extent was born
+                // before and stays shared.
+                let root = graft(st, &volume, root, gen, theirs_root, &plan.take)
+                    .map_err(|e| failing.fail_meta(e))?;
+                state.taken = write_bitmap(st, &plan.take).map_err(|e| failing.fail_meta(e))?;
+                state.conflicts =
+                    write_bitmap(st, &plan.conflicts).map_err(|e| failing.fail_meta(e))?;
+                state.started_gen = gen;
+                let record = HeadRecord {
+                    id: st.catalog.new_id(),
+                    volume: volume.clone(),
+                    branch: name.clone(),
+                    root,
+                    exclusive_since: gen,
+                    base: state.ours,
+                    base_gen,
+                    created_unix: now_unix(),
+                    merge: Some(Box::new(state.clone())),
+                };
+                st.catalog.apply_head(&record)?;
+                st.catalog.head_mut(record.id)?.changed = plan.take.clone();
+                st.dirty_heads.insert(record.id);
+                let events = vec![
+                    Event::BranchCreated {
+                        volume: volume.clone(),
+                        branch: name.clone(),
+                        from: state.ours,
+                    },
+                    Event::MergeStarted {
+                        volume: volume.clone(),
+                        branch: state.into.clone(),
+                        merge_branch: name.clone(),
+                        from: state.theirs,
+                        taken_blocks: plan.take.len(),
+                        conflict_blocks: plan.conflicts.len(),
+                    },
+                ];
+                Ok((vec![], events))
+            })
+            .await
+    }
+
+    /// The merge waiting on `merge_branch` of `volume`.
+    pub fn merge_in_progress(&self, volume: &str, merge_branch: &str) -> Result<MergeInProgress> {
+        let mut st = self.inner.state.lock();
+        let id = st.catalog.head_id(volume, merge_branch)?;
+        merge_in_progress(&mut st, id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "a merge in progress on branch {merge_branch:?} of volume {volume:?}"
+            ))
+        })
+    }
+
+    /// Every merge of `volume` waiting on its merge branch.
+    pub fn merges_in_progress(&self, volume: &str) -> Result<Vec<MergeInProgress>> {
+        let mut st = self.inner.state.lock();
+        let ids: Vec<u64> = st
+            .catalog
+            .volume(volume)?
+            .branches
+            .values()
+            .copied()
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(merge_in_progress(&mut st, id)?);
+        }
+        Ok(out)
+    }
+
+    /// Concludes a manual merge: commits the merge branch with parents `[ours, theirs]`,
+    /// moves the target branch to that commit and deletes the merge branch. Refused while
+    /// sessions are attached to either branch, or when the target branch moved on since the
+    /// merge began.
+    pub async fn conclude_merge(
+        &self,
+        volume: &str,
+        merge_branch: &str,
+        message: Option<String>,
+        author: Option<String>,
+    ) -> Result<CommitInfo> {
+        let into = self.merge_in_progress(volume, merge_branch)?.into;
+        for branch in [merge_branch, into.as_str()] {
+            let export = ResolvedRef::Branch {
+                volume: volume.to_string(),
+                branch: branch.to_string(),
+            };
+            let attached = self.attached(|target| *target == export);
+            if attached > 0 {
+                return Err(Error::Conflict(format!(
+                    "branch {branch:?} of volume {volume:?} has {attached} open sessions; disconnect them before concluding the merge"
+                )));
+            }
+        }
+        // Writes on the merge branch finish before it is committed; none lands on either
+        // branch until the change is made.
+        let (merge_id, merge_gate) = self.gate_head(volume, merge_branch).await?;
+        let (into_id, into_gate) = self.gate_head(volume, &into).await?;
+        let (volume, name) = (volume.to_string(), merge_branch.to_string());
+        let v = volume.clone();
+        let commit_id = CommitId::random();
+        let failing = self.inner.clone();
+        self.inner
+            .change_gated(Some(merge_gate), move |st| {
+                let _into_gate = into_gate;
+                let id = st.catalog.head_id(&volume, &name)?;
+                check_gated(Some(merge_id), id, &name)?;
+                let head = st.catalog.head(id)?;
+                let Some(state) = head.record.merge.clone() else {
+                    return Err(Error::not_found(format!(
+                        "a merge in progress on branch {name:?} of volume {volume:?}"
+                    )));
+                };
+                let (root, changed) = (head.record.root, head.changed.clone());
+                let target_id = st.catalog.head_id(&volume, &state.into)?;
+                check_gated(Some(into_id), target_id, &state.into)?;
+                let target = st.catalog.head(target_id)?;
+                if target.record.base != state.ours || !target.changed.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "branch {:?} changed since the merge began on {name:?}: abort the merge and merge again",
+                        state.into
+                    )));
+                }
+                st.catalog.commit_required(&state.theirs)?;
+                let gen = st.meta.gen;
+                let bitmap = write_bitmap(st, &changed).map_err(|e| failing.fail_meta(e))?;
+                let info = CommitInfo {
+                    id: commit_id,
+                    volume: volume.clone(),
+                    branch: state.into.clone(),
+                    parents: state.ours.into_iter().chain([state.theirs]).collect(),
+                    message: message
+                        .filter(|m| !m.trim().is_empty())
+                        .or(state.message.clone())
+                        .unwrap_or_else(|| format!("Merge {} into {}", state.from, state.into)),
+                    author: author.or(state.author.clone()),
+                    meta: Default::default(),
+                    created_unix: now_unix(),
+                    changed_blocks: changed.len(),
+                    size_bytes: st.catalog.volume(&volume)?.size_bytes,
+                };
+                // The target had nothing of its own since `ours`: it simply moves on.
+                free_head_space(st, target_id)?;
+                let target = st.catalog.head_mut(target_id)?;
+                target.record.root = root;
+                target.record.base = Some(commit_id);
+                target.record.base_gen = gen;
+                target.record.exclusive_since = gen + 1;
+                target.changed = RoaringTreemap::new();
+                st.dirty_heads.insert(target_id);
+                let conflicts = read_bitmap(&st.meta, &state.conflicts)?.len();
+                let taken = read_bitmap(&st.meta, &state.taken)?.len();
+                // What the merge branch owned now belongs to the commit: nothing is freed
+                // with it but its state.
+                free_blob(st, &state.taken);
+                free_blob(st, &state.conflicts);
+                let ops = vec![
+                    CatalogOp::Commit {
+                        commit: CommitRecord {
+                            info: info.clone(),
+                            root,
+                            gen,
+                            bitmap,
+                        },
+                    },
+                    CatalogOp::DeleteBranch {
+                        volume: volume.clone(),
+                        branch: name.clone(),
+                    },
+                ];
+                for op in &ops {
+                    st.catalog.apply(op)?;
+                }
+                let events = vec![
+                    Event::CommitCreated {
+                        volume: volume.clone(),
+                        branch: state.into.clone(),
+                        commit: commit_id,
+                        parents: info.parents.clone(),
+                        changed_blocks: info.changed_blocks,
+                    },
+                    Event::MergeCompleted {
+                        volume: volume.clone(),
+                        branch: state.into.clone(),
+                        from: state.theirs,
+                        commit: commit_id,
+                        fast_forward: false,
+                        taken_blocks: taken,
+                        conflict_blocks: conflicts,
+                    },
+                    Event::BranchDeleted {
+                        volume: volume.clone(),
+                        branch: name.clone(),
+                    },
+                ];
+                Ok((ops, events))
+            })
+            .await?;
+        self.commit_info(&v, &commit_id.to_hex())
+    }
+
+    /// Aborts a manual merge: deletes its merge branch with everything written on it. The
+    /// target branch never changed.
+    pub async fn abort_merge(&self, volume: &str, merge_branch: &str) -> Result<()> {
+        self.drop_branch(volume, merge_branch, true).await
+    }
+}
+
+/// The public view of a head's merge state, if it has one.
+fn merge_in_progress(st: &mut State, head_id: u64) -> Result<Option<MergeInProgress>> {
+    let head = st.catalog.head(head_id)?;
+    let Some(state) = head.record.merge.clone() else {
+        return Ok(None);
+    };
+    let (volume, branch, root) = (
+        head.record.volume.clone(),
+        head.record.branch.clone(),
+        head.record.root,
+    );
+    let taken = read_bitmap(&st.meta, &state.taken)?;
+    let conflicts = read_bitmap(&st.meta, &state.conflicts)?;
+    let mut edited = RoaringTreemap::new();
+    MapReader {
+        store: &mut st.meta,
+    }
+    .changed_since(root, state.started_gen, &mut edited)?;
+    Ok(Some(MergeInProgress {
+        volume,
+        merge_branch: branch,
+        into: state.into,
+        from: state.from,
+        from_commit: state.theirs,
+        ours_commit: state.ours,
+        base: state.base,
+        taken: byte_ranges(&taken),
+        taken_bytes: taken.len() * BLOCK_SIZE,
+        conflicts: byte_ranges(&conflicts),
+        conflict_bytes: conflicts.len() * BLOCK_SIZE,
+        edited_bytes: edited.len() * BLOCK_SIZE,
+        started_unix: state.started_unix,
+    }))
 }
 
 /// Plans a merge of commit `theirs` into a head whose latest commit is `ours`.

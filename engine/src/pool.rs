@@ -18,8 +18,11 @@ use crate::events::{Event, EventBus};
 use crate::extent_map::MapReader;
 use crate::format::*;
 use crate::grace::Grace;
+use crate::history::read_bitmap;
 use crate::io::{self, BackendChoice, FileKind, IoBackend};
+use crate::merge::refuse_merge_branch;
 use crate::meta::{MetaStore, PendingFree, Target};
+use crate::rewrite::free_blob;
 use crate::session::{AtomicCounters, Session, SessionClient, SessionInfo, SessionTarget};
 use crate::types::*;
 
@@ -258,6 +261,7 @@ impl Pool {
                     base: None,
                     base_gen: 0,
                     created_unix: now_unix(),
+                    merge: None,
                 };
                 st.catalog.apply_head(&head)?;
                 st.dirty_heads.insert(head.id);
@@ -312,8 +316,7 @@ impl Pool {
                                 st.catalog
                                     .heads
                                     .get(id)
-                                    .and_then(|h| h.record.base)
-                                    .is_some_and(|b| ours(&b))
+                                    .is_some_and(|h| h.record.needs().any(|c| ours(&c)))
                             })
                     })
                     .map(|v| v.name.as_str())
@@ -371,22 +374,13 @@ impl Pool {
         let (v, b) = (volume.clone(), branch.clone());
         self.inner
             .change_gated(gate, move |st| {
-                let vol = st.catalog.volume(&volume)?;
-                if vol.branches.contains_key(&branch) {
-                    return Err(Error::exists(format!(
-                        "branch {branch:?} of volume {volume:?}"
-                    )));
-                }
-                if vol.tags.contains_key(&branch) {
-                    return Err(Error::exists(format!(
-                        "a tag named {branch:?} in volume {volume:?}"
-                    )));
-                }
+                check_name_free(&st.catalog, &volume, &branch)?;
                 let gen = st.meta.gen;
                 let (root, base, base_gen, changed) = match &source {
                     ResolvedRef::Branch { branch: src, .. } => {
                         let id = st.catalog.head_id(&volume, src)?;
                         check_gated(gated, id, src)?;
+                        refuse_merge_branch(st.catalog.head(id)?, "branch from it")?;
                         let src_head = st.catalog.head_mut(id)?;
                         // From the next generation on, neither head owns the shared state.
                         src_head.record.exclusive_since = gen + 1;
@@ -409,6 +403,7 @@ impl Pool {
                     base,
                     base_gen,
                     created_unix: now_unix(),
+                    merge: None,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = changed;
@@ -424,6 +419,11 @@ impl Pool {
             })
             .await?;
         self.branch(&v, &b)
+    }
+
+    /// Refuses `name` for a new branch of `volume` if a branch or tag has it.
+    pub fn check_ref_name_free(&self, volume: &str, name: &str) -> Result<()> {
+        check_name_free(&self.inner.state.lock().catalog, volume, name)
     }
 
     pub fn branches(&self, volume: &str) -> Result<Vec<BranchInfo>> {
@@ -442,8 +442,19 @@ impl Pool {
         ))
     }
 
-    /// Deletes a branch (not `main`); refused while sessions are attached to it.
+    /// Deletes a branch (not `main`); refused while sessions are attached to it. Deleting a
+    /// merge branch aborts its merge.
     pub async fn delete_branch(&self, volume: &str, branch: &str) -> Result<()> {
+        self.drop_branch(volume, branch, false).await
+    }
+
+    /// Deletes a branch; with `merge_only`, only a merge branch (aborting its merge).
+    pub(crate) async fn drop_branch(
+        &self,
+        volume: &str,
+        branch: &str,
+        merge_only: bool,
+    ) -> Result<()> {
         if branch == MAIN_BRANCH {
             return Err(Error::Conflict(format!(
                 "the {MAIN_BRANCH} branch cannot be deleted; delete the volume instead"
@@ -463,19 +474,33 @@ impl Pool {
         self.inner
             .change(move |st| {
                 let id = st.catalog.head_id(&volume, &branch)?;
+                let merge = st.catalog.head(id)?.record.merge.clone();
+                if merge.is_none() && merge_only {
+                    return Err(Error::not_found(format!(
+                        "a merge in progress on branch {branch:?} of volume {volume:?}"
+                    )));
+                }
                 free_head_space(st, id)?;
+                let mut events = vec![Event::BranchDeleted {
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                }];
+                if let Some(merge) = merge {
+                    free_blob(st, &merge.taken);
+                    free_blob(st, &merge.conflicts);
+                    events.push(Event::MergeAborted {
+                        volume: volume.clone(),
+                        branch: merge.into.clone(),
+                        merge_branch: branch.clone(),
+                        from: merge.theirs,
+                    });
+                }
                 let op = CatalogOp::DeleteBranch {
                     volume: volume.clone(),
                     branch: branch.clone(),
                 };
                 st.catalog.apply(&op)?;
-                Ok((
-                    vec![op],
-                    vec![Event::BranchDeleted {
-                        volume: volume.clone(),
-                        branch: branch.clone(),
-                    }],
-                ))
+                Ok((vec![op], events))
             })
             .await?;
         // What the branch shared with nothing durable (writes it forked with) goes too.
@@ -504,6 +529,7 @@ impl Pool {
                 let size_bytes = st.catalog.volume(&volume)?.size_bytes;
                 let gen = st.meta.gen;
                 let head = st.catalog.head(head_id)?;
+                refuse_merge_branch(head, "commit on it")?;
                 let mut bitmap = Vec::new();
                 head.changed
                     .serialize_into(&mut bitmap)
@@ -578,14 +604,10 @@ impl Pool {
     /// The blocks a commit changed relative to its first parent (its stored roaring bitmap).
     pub fn commit_changes(&self, volume: &str, id_or_prefix: &str) -> Result<RoaringTreemap> {
         let st = self.inner.state.lock();
-        let blob = st.catalog.find_commit(volume, id_or_prefix)?.bitmap;
-        let bytes = st.meta.read_blob(blob.page, blob.len_bytes, blob.crc)?;
-        RoaringTreemap::deserialize_from(&bytes[..]).map_err(|e| {
-            Error::corrupt(
-                format!("commit bitmap ({e})"),
-                format!("meta page {}", blob.page),
-            )
-        })
+        read_bitmap(
+            &st.meta,
+            &st.catalog.find_commit(volume, id_or_prefix)?.bitmap,
+        )
     }
 
     /// History from a ref backwards along first parents, newest first.
@@ -1053,6 +1075,22 @@ fn volume_info(v: &Volume) -> VolumeInfo {
     }
 }
 
+/// Refuses a new branch name that a branch or tag of the volume already has.
+pub(crate) fn check_name_free(catalog: &Catalog, volume: &str, name: &str) -> Result<()> {
+    let vol = catalog.volume(volume)?;
+    if vol.branches.contains_key(name) {
+        return Err(Error::exists(format!(
+            "branch {name:?} of volume {volume:?}"
+        )));
+    }
+    if vol.tags.contains_key(name) {
+        return Err(Error::exists(format!(
+            "a tag named {name:?} in volume {volume:?}"
+        )));
+    }
+    Ok(())
+}
+
 fn branch_info(head: &Head) -> BranchInfo {
     BranchInfo {
         volume: head.record.volume.clone(),
@@ -1099,7 +1137,10 @@ fn free_volume_space(st: &mut State, name: &str) -> Result<()> {
         .map(|h| h.record.root)
         .collect();
     roots.extend(vol.commits.values().map(|c| c.root));
-    let blobs: Vec<BlobRef> = vol.commits.values().map(|c| c.bitmap).collect();
+    let mut blobs: Vec<BlobRef> = vol.commits.values().map(|c| c.bitmap).collect();
+    for id in vol.branches.values() {
+        blobs.extend(st.catalog.head(*id)?.record.blobs());
+    }
     let mut pages = RoaringTreemap::new();
     let mut blocks = RoaringTreemap::new();
     for root in roots {
@@ -1113,8 +1154,7 @@ fn free_volume_space(st: &mut State, name: &str) -> Result<()> {
         })?;
     }
     for blob in blobs {
-        let n = blob.len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
-        pages.insert_range(blob.page..blob.page + n);
+        pages.insert_range(blob.pages());
     }
     let gen = st.meta.gen;
     st.meta
@@ -1261,8 +1301,12 @@ fn recover(
         }
     }
     for commit in catalog.volumes.values().flat_map(|v| v.commits.values()) {
-        let n = commit.bitmap.len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
-        used_pages.insert_range(commit.bitmap.page..commit.bitmap.page + n);
+        used_pages.insert_range(commit.bitmap.pages());
+    }
+    for head in catalog.heads.values() {
+        for blob in head.record.blobs() {
+            used_pages.insert_range(blob.pages());
+        }
     }
     if used_blocks.contains(0) {
         return Err(Error::corrupt(
@@ -1276,6 +1320,9 @@ fn recover(
     for head in catalog.heads.values_mut() {
         let mut reader = MapReader { store: &mut meta };
         reader.changed_since(head.record.root, head.record.base_gen, &mut head.changed)?;
+        if let Some(merge) = &head.record.merge {
+            head.changed |= read_bitmap(&meta, &merge.taken)?;
+        }
     }
     tracing::info!(
         volumes = catalog.volumes.len(),

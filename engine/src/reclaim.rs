@@ -61,13 +61,15 @@ pub struct SpaceReport {
 #[derive(Clone, Debug)]
 enum RootOf {
     Branch(String),
-    Commit(CommitId, BlobRef),
+    Commit(CommitId),
 }
 
 struct Root {
     volume: u32,
     of: RootOf,
     page: u64,
+    /// Bitmaps only this root references (a commit's changes, a merge branch's state).
+    blobs: Vec<BlobRef>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -348,9 +350,10 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
         }
     }
     for (i, root) in roots.iter().enumerate() {
-        if let RootOf::Commit(_, blob) = &root.of {
-            let n = blob.len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
-            reached_pages.insert_range(blob.page..blob.page + n);
+        for blob in &root.blobs {
+            let pages = blob.pages();
+            let n = pages.end - pages.start;
+            reached_pages.insert_range(pages);
             exclusive_pages[i] += n;
             volume_pages[root.volume as usize] += n;
         }
@@ -388,7 +391,7 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
             .or_default();
         match &root.of {
             RootOf::Branch(name) => space.branches.insert(name.clone(), bytes),
-            RootOf::Commit(id, _) => space.commits.insert(*id, bytes),
+            RootOf::Commit(id) => space.commits.insert(*id, bytes),
         };
     }
 
@@ -441,14 +444,16 @@ fn roots(st: &State) -> (Vec<Root>, Vec<String>, Vec<u64>) {
                     volume: v as u32,
                     of: RootOf::Branch(name.clone()),
                     page: head.record.root,
+                    blobs: head.record.blobs(),
                 });
             }
         }
         for commit in vol.commits.values() {
             roots.push(Root {
                 volume: v as u32,
-                of: RootOf::Commit(commit.info.id, commit.bitmap),
+                of: RootOf::Commit(commit.info.id),
                 page: commit.root,
+                blobs: vec![commit.bitmap],
             });
         }
     }

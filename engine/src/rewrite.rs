@@ -11,7 +11,8 @@ use roaring::RoaringTreemap;
 use crate::catalog::*;
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::history::commit_bitmap;
+use crate::history::read_bitmap;
+use crate::merge::refuse_merge_branch;
 use crate::meta::PendingFree;
 use crate::pool::{check_gated, free_head_space, Pool, State};
 use crate::types::*;
@@ -49,6 +50,7 @@ impl Pool {
                 let target = st.catalog.commit_required(&commit)?.clone();
                 st.catalog.check_related(&volume, &target.info.volume)?;
                 let head = st.catalog.head(id)?;
+                refuse_merge_branch(head, "reset it")?;
                 let discarded = head.changed.len();
                 if discarded > 0 && !discard_uncommitted {
                     return Err(Error::Conflict(format!(
@@ -102,7 +104,7 @@ impl Pool {
                 let commit = st.catalog.find_commit(&volume, &prefix)?.clone();
                 let id = commit.info.id;
                 check_unneeded(st, &commit)?;
-                let bitmap = commit_bitmap(&st.meta, &commit)?;
+                let bitmap = read_bitmap(&st.meta, &commit.bitmap)?;
                 let children: Vec<CommitRecord> = st
                     .catalog
                     .volumes
@@ -117,7 +119,7 @@ impl Pool {
                 let mut replaced_blobs = vec![commit.bitmap];
                 for mut child in children.iter().cloned() {
                     if child.info.parents.first() == Some(&id) {
-                        let mut changed = commit_bitmap(&st.meta, &child)?;
+                        let mut changed = read_bitmap(&st.meta, &child.bitmap)?;
                         changed |= &bitmap;
                         replaced_blobs.push(child.bitmap);
                         child.bitmap = write_bitmap(st, &changed)?;
@@ -190,6 +192,7 @@ impl Pool {
                     ResolvedRef::Branch { volume, branch } => {
                         let id = st.catalog.head_id(volume, branch)?;
                         check_gated(gated, id, branch)?;
+                        refuse_merge_branch(st.catalog.head(id)?, "clone it")?;
                         let head = st.catalog.head_mut(id)?;
                         // From the next generation on, neither head owns the shared state.
                         head.record.exclusive_since = gen + 1;
@@ -225,6 +228,7 @@ impl Pool {
                     base,
                     base_gen,
                     created_unix: now_unix(),
+                    merge: None,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = changed;
@@ -277,13 +281,19 @@ fn check_unneeded(st: &State, commit: &CommitRecord) -> Result<()> {
                     vol.name, head.record.branch
                 ));
             }
+            if head.record.merge.as_ref().is_some_and(|m| m.theirs == id) {
+                needed_by.push(format!(
+                    "the merge in progress on {}@{}",
+                    vol.name, head.record.branch
+                ));
+            }
         }
     }
     if needed_by.is_empty() {
         Ok(())
     } else {
         Err(Error::Conflict(format!(
-            "commit {id} is still needed by {}: delete the tags or reset the branches first",
+            "commit {id} is still needed by {}: delete the tags, reset the branches or settle the merges first",
             needed_by.join(", ")
         )))
     }
@@ -302,15 +312,12 @@ pub(crate) fn write_bitmap(st: &mut State, bitmap: &RoaringTreemap) -> Result<Bl
 }
 
 /// Frees a blob's pages after the next sync point.
-fn free_blob(st: &mut State, blob: &BlobRef) {
+pub(crate) fn free_blob(st: &mut State, blob: &BlobRef) {
     let gen = st.meta.gen;
-    let pages = blob
-        .len_bytes
-        .div_ceil(crate::format::PAGE_SIZE as u64)
-        .max(1);
+    let pages = blob.pages();
     st.meta.pending_pages.push(PendingFree {
         gen,
-        start: blob.page,
-        len: pages,
+        start: pages.start,
+        len: pages.end - pages.start,
     });
 }

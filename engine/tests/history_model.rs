@@ -1,5 +1,5 @@
 //! Seeded random history operations (writes, trims, commits, branches, merges with every
-//! strategy, resets, commit squashes, clones, space scans) against an in-memory model on the
+//! strategy (manual ones concluded or aborted later), resets, commit squashes, clones, space scans) against an in-memory model on the
 //! simulation backend. After every step the touched refs read back as the model says; diffs
 //! between random refs list exactly the blocks whose content differs; merges take, keep and
 //! report conflicts exactly as a block-level three-way merge over the engine's merge base
@@ -59,6 +59,8 @@ struct Model {
     /// (volume, branch) -> (image, latest commit, written since it)
     heads: BTreeMap<(String, String), (Image, Option<CommitId>, bool)>,
     commits: BTreeMap<CommitId, (String, Image)>,
+    /// Manual merges in progress: (volume, merge branch) -> (into, ours, theirs).
+    merges: BTreeMap<(String, String), (String, Option<CommitId>, CommitId)>,
     next_token: u64,
 }
 
@@ -141,8 +143,16 @@ async fn run_seed(seed: u64) {
     for step in 0..150 {
         let heads: Vec<(String, String)> = model.heads.keys().cloned().collect();
         let (volume, branch) = pick(&mut rng, &heads).clone();
+        let mut what = rng.gen_range(0..100);
+        // Merges in progress are often settled soon, before their target moves on.
+        let merges: Vec<(String, String)> = model.merges.keys().cloned().collect();
+        let (volume, branch) = if !merges.is_empty() && rng.gen_bool(0.2) {
+            what = *pick(&mut rng, &[0, 40]);
+            pick(&mut rng, &merges).clone()
+        } else {
+            (volume, branch)
+        };
         let export = export_of(&volume, &branch);
-        let what = rng.gen_range(0..100);
         match what {
             0..=34 => {
                 let len = rng.gen_range(1..8usize);
@@ -183,8 +193,81 @@ async fn run_seed(seed: u64) {
                     .await
                     .unwrap();
             }
+            40..=54 if model.merges.contains_key(&(volume.clone(), branch.clone())) => {
+                let key = (volume.clone(), branch.clone());
+                assert!(matches!(
+                    pool.commit(
+                        &volume,
+                        &branch,
+                        CommitRequest {
+                            message: "no".into(),
+                            ..Default::default()
+                        }
+                    )
+                    .await,
+                    Err(Error::Conflict(_))
+                ));
+                let (into, ours, theirs) = model.merges[&key].clone();
+                if rng.gen_bool(0.3) {
+                    pool.abort_merge(&volume, &branch).await.unwrap();
+                    model.merges.remove(&key);
+                    model.heads.remove(&key);
+                    continue;
+                }
+                let result = pool.conclude_merge(&volume, &branch, None, None).await;
+                if std::env::var("GROVE_HISTORY_TRACE").is_ok() {
+                    eprintln!("conclude {:?}", result.as_ref().map(|c| c.changed_blocks));
+                }
+                match model.heads.get(&(volume.clone(), into.clone())) {
+                    Some((_, latest, dirty)) if *latest == ours && !dirty => {
+                        let commit = result.unwrap();
+                        assert_eq!(
+                            commit.parents,
+                            ours.into_iter().chain([theirs]).collect::<Vec<_>>()
+                        );
+                        let (img, _, _) = model.heads.remove(&key).unwrap();
+                        model.merges.remove(&key);
+                        model
+                            .commits
+                            .insert(commit.id, (volume.clone(), img.clone()));
+                        model.heads.insert(
+                            (volume.clone(), into.clone()),
+                            (img, Some(commit.id), false),
+                        );
+                        let export = export_of(&volume, &into);
+                        assert_eq!(
+                            &read_ref(&pool, &export).await,
+                            &model.heads[&(volume.clone(), into.clone())].0,
+                            "seed {seed} step {step}: {export} after concluding"
+                        );
+                        continue;
+                    }
+                    Some(_) => assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}"),
+                    None => assert!(result.is_err()),
+                }
+            }
             40..=54 => {
                 commit(&pool, &mut model, &volume, &branch, format!("step {step}")).await;
+            }
+            55..=61 | 77..=81 | 88..=90
+                if model.merges.contains_key(&(volume.clone(), branch.clone())) =>
+            {
+                // Branching from, resetting or cloning a merge branch is refused.
+                let result = match what {
+                    55..=61 => pool
+                        .create_branch(&volume, &format!("b{step}"), Some(&branch))
+                        .await
+                        .map(|_| ()),
+                    77..=81 => pool
+                        .reset_branch(&volume, &branch, &branch, true)
+                        .await
+                        .map(|_| ()),
+                    _ => pool
+                        .clone_volume(&export, &format!("clone{step}"))
+                        .await
+                        .map(|_| ()),
+                };
+                assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
             }
             55..=61 if model.heads.len() < 6 => {
                 let name = format!("b{step}");
@@ -226,16 +309,24 @@ async fn run_seed(seed: u64) {
                         MergeStrategy::Fail,
                         MergeStrategy::Ours,
                         MergeStrategy::Theirs,
+                        MergeStrategy::Manual,
                     ],
                 );
                 let dry_run = rng.gen_bool(0.2);
+                let merge_branch = format!("m{step}");
                 let request = MergeRequest {
                     from: from.clone(),
                     into: branch.clone(),
                     strategy,
                     dry_run,
+                    merge_branch: Some(merge_branch.clone()),
                     ..Default::default()
                 };
+                if model.merges.contains_key(&(volume.clone(), branch.clone())) {
+                    let result = pool.merge(&volume, request).await;
+                    assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
+                    continue;
+                }
                 if rng.gen_bool(0.6) && model.heads[&(volume.clone(), branch.clone())].2 {
                     // Usually commit first, so that merges happen.
                     commit(
@@ -299,6 +390,8 @@ async fn run_seed(seed: u64) {
                     MergeOutcome::FastForward
                 } else if !conflicts.is_empty() && strategy == MergeStrategy::Fail {
                     MergeOutcome::Conflicts
+                } else if !conflicts.is_empty() && strategy == MergeStrategy::Manual {
+                    MergeOutcome::InProgress
                 } else {
                     MergeOutcome::Merged
                 };
@@ -312,7 +405,7 @@ async fn run_seed(seed: u64) {
                 }
                 if matches!(
                     expected_outcome,
-                    MergeOutcome::Merged | MergeOutcome::Conflicts
+                    MergeOutcome::Merged | MergeOutcome::Conflicts | MergeOutcome::InProgress
                 ) {
                     let blocks = |ranges: &[ByteRange]| -> Vec<u64> {
                         ranges
@@ -336,6 +429,25 @@ async fn run_seed(seed: u64) {
                     .unwrap();
                 match expected_outcome {
                     MergeOutcome::UpToDate | MergeOutcome::Conflicts => {}
+                    MergeOutcome::InProgress => {
+                        assert_eq!(report.merge_branch.as_deref(), Some(merge_branch.as_str()));
+                        let state = pool.merge_in_progress(&volume, &merge_branch).unwrap();
+                        assert_eq!(state.into, branch);
+                        assert_eq!(state.conflict_bytes, conflicts.len() as u64 * BLOCK_SIZE);
+                        assert_eq!(state.edited_bytes, 0);
+                        // Conflicting blocks hold ours until someone writes them.
+                        let key = (volume.clone(), merge_branch.clone());
+                        model
+                            .heads
+                            .insert(key.clone(), (merged.clone(), ours, !taken.is_empty()));
+                        model.merges.insert(key, (branch.clone(), ours, theirs));
+                        let export = export_of(&volume, &merge_branch);
+                        assert_eq!(
+                            &read_ref(&pool, &export).await,
+                            &merged,
+                            "seed {seed} step {step}: {export}"
+                        );
+                    }
                     MergeOutcome::FastForward => {
                         *head = (theirs_img, Some(theirs), false);
                     }
@@ -379,7 +491,8 @@ async fn run_seed(seed: u64) {
                     continue;
                 }
                 let id = *pick(&mut rng, &commits);
-                let needed = model.heads.values().any(|h| h.1 == Some(id));
+                let needed = model.heads.values().any(|h| h.1 == Some(id))
+                    || model.merges.values().any(|m| m.2 == id);
                 let owner = model.commits[&id].0.clone();
                 let result = pool.delete_commit(&owner, &id.to_hex()).await;
                 if needed {
@@ -405,6 +518,14 @@ async fn run_seed(seed: u64) {
                 drop(pool);
                 disk.crash(seed * 1000 + step);
                 pool = Pool::open_with_backend(disk.backend(), cache, None).unwrap();
+                // Merges in progress survive; writes on their branches may be torn, so they
+                // are aborted.
+                for ((v, b), (into, _, theirs)) in std::mem::take(&mut model.merges) {
+                    let state = pool.merge_in_progress(&v, &b).unwrap();
+                    assert_eq!((state.into, state.from_commit), (into, theirs));
+                    pool.abort_merge(&v, &b).await.unwrap();
+                    model.heads.remove(&(v, b));
+                }
                 for ((v, b), head) in model.heads.iter_mut() {
                     let info = pool.branch(v, b).unwrap();
                     assert_eq!(
@@ -444,9 +565,11 @@ async fn run_seed(seed: u64) {
                     let result = pool.delete_volume(&v).await;
                     result.unwrap();
                     model.heads.retain(|(hv, _), _| *hv != v);
+                    model.merges.retain(|(mv, _), _| *mv != v);
                     model.commits.retain(|_, (cv, _)| *cv != v);
                 } else if b != "main" {
                     pool.delete_branch(&v, &b).await.unwrap();
+                    model.merges.remove(&(v.clone(), b.clone()));
                     model.heads.remove(&(v, b));
                 }
             }

@@ -1,7 +1,9 @@
 //! Extractors that report failures in the API's JSON error shape instead of axum's plain-text
 //! rejections.
 
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -22,6 +24,35 @@ where
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let Json(value) = Json::<T>::from_request(request, state).await?;
         Ok(JsonBody(value))
+    }
+}
+
+/// A JSON request body that may be left out: a request with no body and no content type
+/// reads as `T::default()`; anything else is checked as [`JsonBody`] checks it.
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for OptionalJsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Default,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if request.headers().contains_key(CONTENT_TYPE) {
+            let JsonBody(value) = JsonBody::from_request(request, state).await?;
+            return Ok(OptionalJsonBody(value));
+        }
+        let (parts, body) = request.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+            .await
+            .map_err(|rejection| ApiError::invalid_argument(rejection.body_text()))?;
+        if bytes.is_empty() {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        let request = Request::from_parts(parts, Body::from(bytes));
+        let JsonBody(value) = JsonBody::from_request(request, state).await?;
+        Ok(OptionalJsonBody(value))
     }
 }
 

@@ -622,6 +622,12 @@ pub enum MergeStrategy {
     Ours,
     /// Take the merged side's content.
     Theirs,
+    /// Leave the merge in progress on a writable merge branch (exported over NBD as
+    /// `VOL@MERGE_BRANCH`): the blocks only the merged side changed are taken, the conflicting
+    /// ones hold the branch's content until written there. Conclude it with
+    /// `POST /v1/volumes/{vol}/merges/{merge_branch}/conclude`, or abort it. Without
+    /// conflicts it merges like the other strategies.
+    Manual,
 }
 
 impl From<MergeStrategy> for engine::MergeStrategy {
@@ -630,6 +636,7 @@ impl From<MergeStrategy> for engine::MergeStrategy {
             MergeStrategy::Fail => engine::MergeStrategy::Fail,
             MergeStrategy::Ours => engine::MergeStrategy::Ours,
             MergeStrategy::Theirs => engine::MergeStrategy::Theirs,
+            MergeStrategy::Manual => engine::MergeStrategy::Manual,
         }
     }
 }
@@ -658,6 +665,10 @@ pub struct CreateMerge {
     /// Author of the merge commit; 1 to 256 bytes without control characters.
     #[serde(default)]
     pub author: Option<String>,
+    /// Strategy `manual`: the name of the merge branch; default `merge-INTO`.
+    #[serde(default)]
+    #[schema(example = "merge-main")]
+    pub merge_branch: Option<String>,
 }
 
 /// What a merge did, or would do on a dry run.
@@ -673,6 +684,8 @@ pub enum MergeOutcome {
     /// Strategy `fail` met conflicts: nothing changed (only seen on a dry run; a real merge
     /// answers 409 `merge_conflict`).
     Conflicts,
+    /// Strategy `manual` met conflicts: the merge waits on its merge branch.
+    InProgress,
 }
 
 /// The report of a merge.
@@ -699,6 +712,9 @@ pub struct MergeReport {
     /// `fail`).
     pub conflicts: Vec<ByteRange>,
     pub conflict_bytes: u64,
+    /// Outcome `in_progress`: the merge branch to resolve the conflicts on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge_branch: Option<String>,
 }
 
 impl From<engine::MergeReport> for MergeReport {
@@ -709,6 +725,7 @@ impl From<engine::MergeReport> for MergeReport {
                 engine::MergeOutcome::FastForward => MergeOutcome::FastForward,
                 engine::MergeOutcome::Merged => MergeOutcome::Merged,
                 engine::MergeOutcome::Conflicts => MergeOutcome::Conflicts,
+                engine::MergeOutcome::InProgress => MergeOutcome::InProgress,
             },
             dry_run: report.dry_run,
             volume: report.volume,
@@ -721,8 +738,71 @@ impl From<engine::MergeReport> for MergeReport {
             taken_bytes: report.taken_bytes,
             conflicts: report.conflicts.into_iter().map(ByteRange::from).collect(),
             conflict_bytes: report.conflict_bytes,
+            merge_branch: report.merge_branch,
         }
     }
+}
+
+/// A merge waiting on its merge branch for its conflicts to be resolved by hand.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct MergeInProgress {
+    pub volume: String,
+    /// The writable merge branch, exported over NBD as `VOL@MERGE_BRANCH`.
+    pub merge_branch: String,
+    /// The branch the merge concludes into.
+    pub into: String,
+    /// The ref merged, as given.
+    pub from: String,
+    /// The commit merged in.
+    pub from_commit: String,
+    /// The target branch's latest commit when the merge began; concluding requires it still
+    /// to be, with no writes on the branch since.
+    pub ours_commit: Option<String>,
+    /// Their nearest common ancestor.
+    pub base: Option<String>,
+    /// Ranges taken from the merged side.
+    pub taken: Vec<ByteRange>,
+    pub taken_bytes: u64,
+    /// Ranges both sides changed differently: they hold the target branch's content until
+    /// written on the merge branch.
+    pub conflicts: Vec<ByteRange>,
+    pub conflict_bytes: u64,
+    /// Bytes written on the merge branch since the merge began.
+    pub edited_bytes: u64,
+    pub started_unix: u64,
+}
+
+impl From<engine::MergeInProgress> for MergeInProgress {
+    fn from(merge: engine::MergeInProgress) -> Self {
+        MergeInProgress {
+            volume: merge.volume,
+            merge_branch: merge.merge_branch,
+            into: merge.into,
+            from: merge.from,
+            from_commit: merge.from_commit.to_hex(),
+            ours_commit: merge.ours_commit.map(|id| id.to_hex()),
+            base: merge.base.map(|id| id.to_hex()),
+            taken: merge.taken.into_iter().map(ByteRange::from).collect(),
+            taken_bytes: merge.taken_bytes,
+            conflicts: merge.conflicts.into_iter().map(ByteRange::from).collect(),
+            conflict_bytes: merge.conflict_bytes,
+            edited_bytes: merge.edited_bytes,
+            started_unix: merge.started_unix,
+        }
+    }
+}
+
+/// Body of `POST /v1/volumes/{vol}/merges/{merge_branch}/conclude`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConcludeMerge {
+    /// Message of the merge commit, 1 to 65536 bytes; default the merge request's, or
+    /// "Merge FROM into INTO".
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Author of the merge commit; default the merge request's.
+    #[serde(default)]
+    pub author: Option<String>,
 }
 
 /// Body of `POST /v1/volumes/{vol}/branches/{branch}/reset`.

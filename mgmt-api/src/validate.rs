@@ -127,7 +127,7 @@ fn has_control_characters(text: &str) -> bool {
     text.chars().any(char::is_control)
 }
 
-fn commit_message(message: &str) -> Result<(), ApiError> {
+pub fn commit_message(message: &str) -> Result<(), ApiError> {
     if message.trim().is_empty() {
         return Err(ApiError::invalid_argument(
             "the commit message must not be empty",
@@ -142,7 +142,7 @@ fn commit_message(message: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn commit_author(author: Option<&str>) -> Result<(), ApiError> {
+pub fn commit_author(author: Option<&str>) -> Result<(), ApiError> {
     if let Some(author) = author {
         let ok = (1..=COMMIT_AUTHOR_LEN_MAX_BYTES).contains(&author.len())
             && !has_control_characters(author);
@@ -204,9 +204,18 @@ pub fn merge_request(volume: &str, request: CreateMerge) -> Result<MergeRequest,
         dry_run,
         message,
         author,
+        merge_branch,
     } = request;
     let from = ref_in_context(volume, &from)?;
     branch_name(&into)?;
+    if let Some(name) = &merge_branch {
+        if strategy != crate::model::MergeStrategy::Manual {
+            return Err(ApiError::invalid_argument(
+                "merge_branch only goes with strategy \"manual\"",
+            ));
+        }
+        new_ref_name("merge branch", name)?;
+    }
     if let Some(message) = &message {
         commit_message(message)?;
     }
@@ -218,6 +227,7 @@ pub fn merge_request(volume: &str, request: CreateMerge) -> Result<MergeRequest,
         dry_run,
         message,
         author,
+        merge_branch,
     })
 }
 
@@ -308,6 +318,7 @@ mod tests {
             dry_run: false,
             message: None,
             author: None,
+            merge_branch: None,
         };
         let merge = merge_request("vm", request("dev", "main")).unwrap();
         assert_eq!((merge.from.as_str(), merge.into.as_str()), ("dev", "main"));

@@ -1,13 +1,16 @@
-//! `POST /v1/volumes/{vol}/merges`.
+//! `/v1/volumes/{vol}/merges`: merges, and merges left in progress for manual resolution
+//! (`/v1/volumes/{vol}/merges/{merge_branch}` with `conclude` and `abort`).
 
 use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Json;
 use grove_engine::{MergeOutcome, Pool};
 
-use super::resolve_ref;
+use super::{blocking, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, JsonBody};
-use crate::model::{ByteRange, CreateMerge, MergeReport};
+use crate::extract::{ApiPath, JsonBody, OptionalJsonBody};
+use crate::model::{ByteRange, Commit, ConcludeMerge, CreateMerge, MergeInProgress, MergeReport};
 use crate::size::format_size;
 use crate::validate;
 
@@ -23,6 +26,11 @@ use crate::validate;
 /// With strategy `fail` (the default), conflicts change nothing and answer 409 with code
 /// `merge_conflict` and the conflicting byte ranges in `error.conflicts`. A dry run changes
 /// nothing and answers 200 with the report, conflicts included (outcome `conflicts`).
+///
+/// With strategy `manual`, conflicts leave the merge in progress (outcome `in_progress`): the
+/// branch stays as it is, and a writable merge branch (`merge_branch`, default `merge-INTO`,
+/// exported over NBD as `VOL@MERGE_BRANCH`) holds the merge so far, the conflicting ranges
+/// with the branch's content. Write the resolved content there, then conclude or abort.
 #[utoipa::path(
     post,
     path = "/v1/volumes/{vol}/merges",
@@ -33,7 +41,7 @@ use crate::validate;
         (status = 200, description = "What the merge did (or would do, on a dry run)", body = MergeReport),
         (status = 400, description = "Invalid ref, name, message or body; a source branch with no commits; volumes with no shared history", body = ErrorBody),
         (status = 404, description = "No such volume, branch or ref", body = ErrorBody),
-        (status = 409, description = "Conflicts with strategy `fail` (code `merge_conflict`, ranges in `error.conflicts`), or uncommitted writes or open sessions on the branch", body = ErrorBody),
+        (status = 409, description = "Conflicts with strategy `fail` (code `merge_conflict`, ranges in `error.conflicts`), uncommitted writes or open sessions on the branch, a merge branch name already taken, or a merge branch as target", body = ErrorBody),
         (status = 507, description = "No space left in the pool", body = ErrorBody),
     )
 )]
@@ -55,7 +63,8 @@ pub async fn merge(
         let message = format!(
             "merging {from} into {volume}@{} conflicts: both sides changed {} ({} bytes) in \
              {ranges} differently since their common ancestor; nothing changed. Merge with \
-             strategy \"ours\" or \"theirs\" to settle them",
+             strategy \"ours\" or \"theirs\" to settle them, or \"manual\" to resolve them \
+             by hand",
             report.into,
             format_size(report.conflict_bytes),
             report.conflict_bytes,
@@ -64,4 +73,120 @@ pub async fn merge(
         return Err(ApiError::merge_conflict(message, conflicts));
     }
     Ok(Json(report.into()))
+}
+
+/// List the merges of a volume waiting for manual resolution.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/merges",
+    tag = "history",
+    params(("vol" = String, Path, description = "Volume name")),
+    responses(
+        (status = 200, description = "Merges in progress", body = [MergeInProgress]),
+        (status = 400, description = "Invalid volume name", body = ErrorBody),
+        (status = 404, description = "No such volume", body = ErrorBody),
+    )
+)]
+pub async fn list_merges(
+    State(pool): State<Pool>,
+    ApiPath(volume): ApiPath<String>,
+) -> Result<Json<Vec<MergeInProgress>>, ApiError> {
+    validate::volume_name(&volume)?;
+    let merges = blocking(pool, move |pool| Ok(pool.merges_in_progress(&volume)?)).await?;
+    Ok(Json(merges.into_iter().map(MergeInProgress::from).collect()))
+}
+
+/// Show a merge in progress: its conflicting ranges and how much was written since.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/merges/{merge_branch}",
+    tag = "history",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("merge_branch" = String, Path, description = "Merge branch name, with '/' sent as %2F"),
+    ),
+    responses(
+        (status = 200, description = "The merge in progress", body = MergeInProgress),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such volume, or no merge in progress on that branch", body = ErrorBody),
+    )
+)]
+pub async fn show_merge(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+) -> Result<Json<MergeInProgress>, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    let merge = blocking(pool, move |pool| Ok(pool.merge_in_progress(&volume, &branch)?)).await?;
+    Ok(Json(merge.into()))
+}
+
+/// Conclude a merge in progress.
+///
+/// Commits the merge branch as it is now with two parents (the target branch's latest commit
+/// and the merged commit), moves the target branch to that commit and deletes the merge
+/// branch. Refused while sessions are attached to either branch, and when the target branch
+/// got commits or writes since the merge began (abort and merge again); nothing changes then.
+#[utoipa::path(
+    post,
+    path = "/v1/volumes/{vol}/merges/{merge_branch}/conclude",
+    tag = "history",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("merge_branch" = String, Path, description = "Merge branch name, with '/' sent as %2F"),
+    ),
+    request_body(content = Option<ConcludeMerge>, description = "Optional message and author"),
+    responses(
+        (status = 201, description = "The merge commit", body = Commit,
+            headers(("location" = String, description = "Path of the new commit"))),
+        (status = 400, description = "Invalid name, message, author or body", body = ErrorBody),
+        (status = 404, description = "No such volume, or no merge in progress on that branch", body = ErrorBody),
+        (status = 409, description = "Open sessions on either branch, or the target branch moved on", body = ErrorBody),
+        (status = 507, description = "No space left in the pool", body = ErrorBody),
+    )
+)]
+pub async fn conclude_merge(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+    OptionalJsonBody(request): OptionalJsonBody<ConcludeMerge>,
+) -> Result<impl IntoResponse, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    let ConcludeMerge { message, author } = request;
+    if let Some(message) = &message {
+        validate::commit_message(message)?;
+    }
+    validate::commit_author(author.as_deref())?;
+    let info = pool
+        .conclude_merge(&volume, &branch, message, author)
+        .await?;
+    let headers = location(format!("/v1/volumes/{}/commits/{}", info.volume, info.id));
+    Ok((StatusCode::CREATED, headers, Json(Commit::from(info))))
+}
+
+/// Abort a merge in progress: delete its merge branch with everything written on it. The
+/// target branch never changed.
+#[utoipa::path(
+    post,
+    path = "/v1/volumes/{vol}/merges/{merge_branch}/abort",
+    tag = "history",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("merge_branch" = String, Path, description = "Merge branch name, with '/' sent as %2F"),
+    ),
+    responses(
+        (status = 204, description = "Aborted"),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such volume, or no merge in progress on that branch", body = ErrorBody),
+        (status = 409, description = "Open sessions on the merge branch", body = ErrorBody),
+    )
+)]
+pub async fn abort_merge(
+    State(pool): State<Pool>,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    pool.abort_merge(&volume, &branch).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

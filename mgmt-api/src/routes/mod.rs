@@ -39,7 +39,10 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(commits::log))
         .routes(routes!(history::diff))
         .routes(routes!(history::blame))
-        .routes(routes!(merges::merge))
+        .routes(routes!(merges::list_merges, merges::merge))
+        .routes(routes!(merges::show_merge))
+        .routes(routes!(merges::conclude_merge))
+        .routes(routes!(merges::abort_merge))
         .routes(routes!(tags::list_tags, tags::create_tag))
         .routes(routes!(tags::show_tag, tags::delete_tag))
 }
