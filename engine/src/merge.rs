@@ -174,16 +174,8 @@ impl Pool {
         };
         // A manual merge leaves the branch as it is until it concludes.
         if !request.dry_run && merge_branch.is_none() {
-            let export = ResolvedRef::Branch {
-                volume: volume.to_string(),
-                branch: into.clone(),
-            };
-            let attached = self.attached(|target| *target == export);
-            if attached > 0 {
-                return Err(Error::Conflict(format!(
-                    "branch {into:?} of volume {volume:?} has {attached} open sessions; disconnect them before merging into it"
-                )));
-            }
+            self.inner
+                .refuse_branch_sessions(volume, &into, "merging into it")?;
         }
         let (head_id, ours) = {
             let st = self.inner.state.lock();
@@ -285,6 +277,7 @@ impl Pool {
         let failing = self.inner.clone();
         self.inner
             .change_gated(Some(gate), move |st| {
+                failing.refuse_branch_sessions(&volume, &into, "merging into it")?;
                 let id = st.catalog.head_id(&volume, &into)?;
                 check_gated(Some(head_id), id, &into)?;
                 let head = st.catalog.head(id)?;
@@ -526,16 +519,8 @@ impl Pool {
     ) -> Result<CommitInfo> {
         let into = self.merge_in_progress(volume, merge_branch)?.into;
         for branch in [merge_branch, into.as_str()] {
-            let export = ResolvedRef::Branch {
-                volume: volume.to_string(),
-                branch: branch.to_string(),
-            };
-            let attached = self.attached(|target| *target == export);
-            if attached > 0 {
-                return Err(Error::Conflict(format!(
-                    "branch {branch:?} of volume {volume:?} has {attached} open sessions; disconnect them before concluding the merge"
-                )));
-            }
+            self.inner
+                .refuse_branch_sessions(volume, branch, "concluding the merge")?;
         }
         // Writes on the merge branch finish before it is committed; none lands on either
         // branch until the change is made.
@@ -557,6 +542,9 @@ impl Pool {
                     )));
                 };
                 let (root, changed) = (head.record.root, head.changed.clone());
+                for branch in [&name, &state.into] {
+                    failing.refuse_branch_sessions(&volume, branch, "concluding the merge")?;
+                }
                 let target_id = st.catalog.head_id(&volume, &state.into)?;
                 check_gated(Some(into_id), target_id, &state.into)?;
                 let target = st.catalog.head(target_id)?;

@@ -460,19 +460,13 @@ impl Pool {
                 "the {MAIN_BRANCH} branch cannot be deleted; delete the volume instead"
             )));
         }
-        let export = ResolvedRef::Branch {
-            volume: volume.to_string(),
-            branch: branch.to_string(),
-        };
-        let attached = self.attached(|target| *target == export);
-        if attached > 0 {
-            return Err(Error::Conflict(format!(
-                "branch {branch:?} of volume {volume:?} has {attached} open sessions"
-            )));
-        }
+        self.inner
+            .refuse_branch_sessions(volume, branch, "deleting it")?;
         let (volume, branch) = (volume.to_string(), branch.to_string());
+        let inner = self.inner.clone();
         self.inner
             .change(move |st| {
+                inner.refuse_branch_sessions(&volume, &branch, "deleting it")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
                 let merge = st.catalog.head(id)?.record.merge.clone();
                 if merge.is_none() && merge_only {
@@ -829,7 +823,6 @@ impl Pool {
             }
         };
         st.catalog.volume_mut(target.volume())?.sessions += 1;
-        drop(st);
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
         let info = SessionInfo {
             id,
@@ -840,10 +833,13 @@ impl Pool {
             counters: Default::default(),
         };
         let counters = Arc::new(AtomicCounters::default());
+        // Registered under the state lock: a change that checks for sessions under it sees
+        // every session that could see the change.
         self.inner
             .sessions
             .lock()
             .insert(id, (info.clone(), counters.clone()));
+        drop(st);
         self.inner.events.publish(Event::SessionOpened {
             session: id,
             export: export.to_string(),
@@ -857,15 +853,6 @@ impl Pool {
             size_bytes,
             target: session_target,
         }))
-    }
-
-    /// How many sessions are open on refs matching `on`.
-    pub(crate) fn attached(&self, on: impl Fn(&ResolvedRef) -> bool) -> usize {
-        let sessions = self.inner.sessions.lock();
-        sessions
-            .values()
-            .filter(|(info, _)| on(&info.target))
-            .count()
     }
 
     /// Live sessions.
@@ -885,6 +872,36 @@ impl Pool {
     /// Makes everything acknowledged so far durable.
     pub async fn flush(&self) -> Result<()> {
         self.inner.flush().await
+    }
+}
+
+impl PoolInner {
+    /// How many sessions are open on refs matching `on`. Sessions register under the state
+    /// lock: called under it, this sees every session that could observe a change made there.
+    pub(crate) fn attached(&self, on: impl Fn(&ResolvedRef) -> bool) -> usize {
+        let sessions = self.sessions.lock();
+        sessions
+            .values()
+            .filter(|(info, _)| on(&info.target))
+            .count()
+    }
+
+    /// Refuses to change a branch's content (or drop it) while sessions are attached to it.
+    pub(crate) fn refuse_branch_sessions(
+        &self,
+        volume: &str,
+        branch: &str,
+        action: &str,
+    ) -> Result<()> {
+        let attached = self.attached(|target| {
+            matches!(target, ResolvedRef::Branch { volume: v, branch: b } if v == volume && b == branch)
+        });
+        if attached > 0 {
+            return Err(Error::Conflict(format!(
+                "branch {branch:?} of volume {volume:?} has {attached} open sessions; disconnect them before {action}"
+            )));
+        }
+        Ok(())
     }
 }
 

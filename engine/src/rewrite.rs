@@ -14,7 +14,7 @@ use crate::events::Event;
 use crate::history::read_bitmap;
 use crate::merge::refuse_merge_branch;
 use crate::meta::PendingFree;
-use crate::pool::{check_gated, free_head_space, Pool, State};
+use crate::pool::{check_gated, free_head_space, Pool, PoolInner, State};
 use crate::types::*;
 
 impl Pool {
@@ -30,21 +30,15 @@ impl Pool {
         discard_uncommitted: bool,
     ) -> Result<BranchInfo> {
         let commit = self.commit_of(volume, target)?;
-        let export = ResolvedRef::Branch {
-            volume: volume.to_string(),
-            branch: branch.to_string(),
-        };
         let (gated, gate) = self.gate_head(volume, branch).await?;
-        let attached = self.attached(|target| *target == export);
-        if attached > 0 {
-            return Err(Error::Conflict(format!(
-                "branch {branch:?} of volume {volume:?} has {attached} open sessions; disconnect them before a reset"
-            )));
-        }
+        self.inner
+            .refuse_branch_sessions(volume, branch, "a reset")?;
         let (v, b) = (volume.to_string(), branch.to_string());
         let (volume, branch) = (v.clone(), b.clone());
+        let inner = self.inner.clone();
         self.inner
             .change_gated(Some(gate), move |st| {
+                inner.refuse_branch_sessions(&volume, &branch, "a reset")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
                 check_gated(Some(gated), id, &branch)?;
                 let target = st.catalog.commit_required(&commit)?.clone();
@@ -89,18 +83,26 @@ impl Pool {
     /// space only it held returns to the pool.
     pub async fn delete_commit(&self, volume: &str, id_or_prefix: &str) -> Result<()> {
         let id = self.commit_info(volume, id_or_prefix)?.id;
-        let attached = self.attached(|target| match target {
-            ResolvedRef::Commit { commit, .. } | ResolvedRef::Tag { commit, .. } => *commit == id,
-            ResolvedRef::Branch { .. } => false,
-        });
-        if attached > 0 {
-            return Err(Error::Conflict(format!(
-                "commit {id} has {attached} open sessions; disconnect them first"
-            )));
-        }
+        let refuse_readers = move |inner: &PoolInner| {
+            let attached = inner.attached(|target| match target {
+                ResolvedRef::Commit { commit, .. } | ResolvedRef::Tag { commit, .. } => {
+                    *commit == id
+                }
+                ResolvedRef::Branch { .. } => false,
+            });
+            if attached > 0 {
+                return Err(Error::Conflict(format!(
+                    "commit {id} has {attached} open sessions; disconnect them first"
+                )));
+            }
+            Ok(())
+        };
+        refuse_readers(&self.inner)?;
         let (volume, prefix) = (volume.to_string(), id.to_hex());
+        let inner = self.inner.clone();
         self.inner
             .change(move |st| {
+                refuse_readers(&inner)?;
                 let commit = st.catalog.find_commit(&volume, &prefix)?.clone();
                 let id = commit.info.id;
                 check_unneeded(st, &commit)?;

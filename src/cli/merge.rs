@@ -294,10 +294,17 @@ fn print_status(merges: &[MergeInProgress]) {
             ("merged commit", short_id(&merge.from_commit)),
             (
                 "branch was at",
-                merge.ours_commit.as_deref().map(short_id).unwrap_or_else(none),
+                merge
+                    .ours_commit
+                    .as_deref()
+                    .map(short_id)
+                    .unwrap_or_else(none),
             ),
             ("taken", amount(merge.taken_bytes, merge.taken.len())),
-            ("conflicts", amount(merge.conflict_bytes, merge.conflicts.len())),
+            (
+                "conflicts",
+                amount(merge.conflict_bytes, merge.conflicts.len()),
+            ),
             ("written since", format_size(merge.edited_bytes)),
         ]);
         if !merge.conflicts.is_empty() {

@@ -93,7 +93,9 @@ pub async fn list_merges(
 ) -> Result<Json<Vec<MergeInProgress>>, ApiError> {
     validate::volume_name(&volume)?;
     let merges = blocking(pool, move |pool| Ok(pool.merges_in_progress(&volume)?)).await?;
-    Ok(Json(merges.into_iter().map(MergeInProgress::from).collect()))
+    Ok(Json(
+        merges.into_iter().map(MergeInProgress::from).collect(),
+    ))
 }
 
 /// Show a merge in progress: its conflicting ranges and how much was written since.
@@ -117,7 +119,10 @@ pub async fn show_merge(
 ) -> Result<Json<MergeInProgress>, ApiError> {
     validate::volume_name(&volume)?;
     validate::branch_name(&branch)?;
-    let merge = blocking(pool, move |pool| Ok(pool.merge_in_progress(&volume, &branch)?)).await?;
+    let merge = blocking(pool, move |pool| {
+        Ok(pool.merge_in_progress(&volume, &branch)?)
+    })
+    .await?;
     Ok(Json(merge.into()))
 }
 
