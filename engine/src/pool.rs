@@ -468,6 +468,21 @@ impl Pool {
             .change(move |st| {
                 inner.refuse_branch_sessions(&volume, &branch, "deleting it")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
+                let waiting: Vec<&str> = st
+                    .catalog
+                    .volume(&volume)?
+                    .branches
+                    .values()
+                    .filter_map(|id| st.catalog.heads.get(id))
+                    .filter(|h| h.record.merge.as_ref().is_some_and(|m| m.into == branch))
+                    .map(|h| h.record.branch.as_str())
+                    .collect();
+                if !waiting.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "merges into branch {branch:?} are in progress on {}: conclude or abort them first",
+                        waiting.join(", ")
+                    )));
+                }
                 let merge = st.catalog.head(id)?.record.merge.clone();
                 if merge.is_none() && merge_only {
                     return Err(Error::not_found(format!(

@@ -567,6 +567,14 @@ async fn run_seed(seed: u64) {
                     model.heads.retain(|(hv, _), _| *hv != v);
                     model.merges.retain(|(mv, _), _| *mv != v);
                     model.commits.retain(|_, (cv, _)| *cv != v);
+                } else if model
+                    .merges
+                    .iter()
+                    .any(|((mv, _), (into, _, _))| *mv == v && *into == b)
+                {
+                    // A branch with merges into it in progress stays until they are settled.
+                    let result = pool.delete_branch(&v, &b).await;
+                    assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
                 } else if b != "main" {
                     pool.delete_branch(&v, &b).await.unwrap();
                     model.merges.remove(&(v.clone(), b.clone()));
