@@ -68,6 +68,9 @@ pub struct Config {
     /// Bound on the engine's metadata page cache, as bytes or a string such as "256MiB".
     /// Range: 1 MiB and up. Default: 256 MiB.
     pub cache_size: ByteSize,
+    /// Days the event log serves events for (`GET /v1/events`, the stream). Default: none
+    /// (all of them).
+    pub event_retention_days: Option<u32>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             api_listen: localhost(API_PORT_DEFAULT),
             io_backend: IoBackend::Auto,
             cache_size: ByteSize(CACHE_SIZE_DEFAULT_BYTES),
+            event_retention_days: None,
         }
     }
 }
@@ -112,6 +116,9 @@ pub struct ServeArgs {
     /// Metadata cache bound, such as 256MiB [default: 256MiB].
     #[arg(long, value_name = "SIZE")]
     pub cache_size: Option<ByteSize>,
+    /// Days the event log serves events for [default: all].
+    #[arg(long, value_name = "DAYS")]
+    pub event_retention_days: Option<u32>,
 }
 
 fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
@@ -170,6 +177,9 @@ impl Config {
         if let Some(size) = args.cache_size {
             self.cache_size = size;
         }
+        if let Some(days) = args.event_retention_days {
+            self.event_retention_days = Some(days);
+        }
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -183,10 +193,19 @@ impl Config {
                 format_size(CACHE_SIZE_MIN_BYTES)
             );
         }
+        if self.event_retention_days == Some(0) {
+            anyhow::bail!("event-retention-days must be at least 1");
+        }
         if matches!(&self.nbd_socket, Some(path) if path.as_os_str().is_empty()) {
             anyhow::bail!("nbd-socket must not be empty");
         }
         Ok(())
+    }
+
+    /// How long the event log serves events.
+    pub fn event_retention(&self) -> Option<std::time::Duration> {
+        self.event_retention_days
+            .map(|days| std::time::Duration::from_secs(u64::from(days) * 86_400))
     }
 
     pub fn pool_options(&self) -> PoolOptions {

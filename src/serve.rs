@@ -78,6 +78,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Scans once now, so that space figures exist, then after deletes, resets and clones.
     // The task ends when the pool is dropped.
     let _reclaimer = pool.spawn_reclaimer();
+    // Sessions opening and closing are logged as they happen, not with the next change.
+    pool.set_event_retention(config.event_retention());
+    let _event_logger = pool.spawn_event_logger();
 
     let nbd_listener = TcpListener::bind(config.nbd_listen)
         .await

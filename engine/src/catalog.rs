@@ -153,6 +153,9 @@ pub enum Record {
         gen: u64,
         ops: Vec<CatalogOp>,
         heads: Vec<HeadRecord>,
+        /// The events of the changes this sync point makes durable.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        events: Vec<crate::events::LoggedEvent>,
     },
 }
 

@@ -1,10 +1,18 @@
-//! The typed event bus. The engine publishes an event after the change it describes is durable;
-//! the control plane subscribes. A slow subscriber lags (and is told so) instead of slowing I/O.
+//! Typed events and their bus. Every event is written in the journal record of the sync point
+//! that makes its change durable (FORMAT.md, "events"), numbered in order, and published only
+//! then: an event exists exactly when its change does. The control plane subscribes; a slow
+//! subscriber lags (and is told so) instead of slowing I/O, and reads what it missed from the
+//! log.
 
+use std::sync::Arc;
+
+use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::types::CommitId;
+use crate::merge::ByteRange;
+use crate::pool::runs;
+use crate::types::{CommitId, BLOCK_SIZE};
 
 /// Events a lagging subscriber may fall behind by before it starts losing them.
 pub const EVENT_BUS_CAPACITY: usize = 4096;
@@ -55,6 +63,13 @@ pub enum Event {
         commit: CommitId,
         parents: Vec<CommitId>,
         changed_blocks: u64,
+        /// What changed since the first parent, as byte ranges: the first
+        /// `COMMIT_EVENT_EXTENTS` of them; `changed_extents_complete` says whether that is all
+        /// (the diff API lists the rest).
+        #[serde(default)]
+        changed_extents: Vec<ByteRange>,
+        #[serde(default)]
+        changed_extents_complete: bool,
     },
     #[serde(rename = "commit.deleted")]
     CommitDeleted {
@@ -110,7 +125,111 @@ pub enum Event {
     },
 }
 
+/// Every event type name, as `Event::type_name` gives them.
+pub const EVENT_TYPES: &[&str] = &[
+    "volume.created",
+    "volume.deleted",
+    "branch.created",
+    "branch.deleted",
+    "branch.reset",
+    "tag.created",
+    "tag.deleted",
+    "commit.created",
+    "commit.deleted",
+    "merge.completed",
+    "merge.started",
+    "merge.aborted",
+    "session.opened",
+    "session.closed",
+];
+
+/// Changed extents listed in a `commit.created` event at most.
+pub const COMMIT_EVENT_EXTENTS: usize = 256;
+
+/// The changed-extent summary of a commit event: its first ranges, and whether that is all.
+pub(crate) fn extent_summary(changed: &RoaringTreemap) -> (Vec<ByteRange>, bool) {
+    let mut ranges: Vec<ByteRange> = runs(changed)
+        .take(COMMIT_EVENT_EXTENTS + 1)
+        .map(|(start, len)| ByteRange {
+            offset_bytes: start * BLOCK_SIZE,
+            len_bytes: len * BLOCK_SIZE,
+        })
+        .collect();
+    let complete = ranges.len() <= COMMIT_EVENT_EXTENTS;
+    ranges.truncate(COMMIT_EVENT_EXTENTS);
+    (ranges, complete)
+}
+
+/// An event as logged: its place in the log, when and by whom.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoggedEvent {
+    /// 1, 2, 3... in the order the changes became durable; never reused.
+    pub seq: u64,
+    pub time_unix_ms: u64,
+    /// Who made the change: the API caller, or the NBD client of a session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
 impl Event {
+    /// The event of a new commit, `changed` its blocks changed since its first parent.
+    pub(crate) fn commit_created(
+        info: &crate::types::CommitInfo,
+        changed: &RoaringTreemap,
+    ) -> Event {
+        let (changed_extents, changed_extents_complete) = extent_summary(changed);
+        Event::CommitCreated {
+            volume: info.volume.clone(),
+            branch: info.branch.clone(),
+            commit: info.id,
+            parents: info.parents.clone(),
+            changed_blocks: info.changed_blocks,
+            changed_extents,
+            changed_extents_complete,
+        }
+    }
+
+    /// The volume the event is about (`None` for none).
+    pub fn volume(&self) -> Option<&str> {
+        match self {
+            Event::VolumeCreated { volume, .. }
+            | Event::VolumeDeleted { volume }
+            | Event::BranchCreated { volume, .. }
+            | Event::BranchDeleted { volume, .. }
+            | Event::BranchReset { volume, .. }
+            | Event::TagCreated { volume, .. }
+            | Event::TagDeleted { volume, .. }
+            | Event::CommitCreated { volume, .. }
+            | Event::CommitDeleted { volume, .. }
+            | Event::MergeCompleted { volume, .. }
+            | Event::MergeStarted { volume, .. }
+            | Event::MergeAborted { volume, .. } => Some(volume),
+            Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => {
+                export.split('@').next()
+            }
+        }
+    }
+
+    /// The branch (or tag) the event is about, if any.
+    pub fn ref_name(&self) -> Option<&str> {
+        match self {
+            Event::BranchCreated { branch, .. }
+            | Event::BranchDeleted { branch, .. }
+            | Event::BranchReset { branch, .. }
+            | Event::CommitCreated { branch, .. }
+            | Event::MergeCompleted { branch, .. }
+            | Event::MergeStarted { branch, .. }
+            | Event::MergeAborted { branch, .. } => Some(branch),
+            Event::TagCreated { tag, .. } | Event::TagDeleted { tag, .. } => Some(tag),
+            Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => {
+                export.split_once('@').map(|(_, r)| r)
+            }
+            _ => None,
+        }
+    }
+
     /// The dotted type name, as in the product contract (`commit.created`, ...).
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -132,10 +251,10 @@ impl Event {
     }
 }
 
-/// Fan-out of engine events to any number of subscribers.
+/// Fan-out of logged events to any number of subscribers.
 #[derive(Clone)]
 pub struct EventBus {
-    sender: broadcast::Sender<Event>,
+    sender: broadcast::Sender<Arc<LoggedEvent>>,
 }
 
 impl Default for EventBus {
@@ -146,13 +265,13 @@ impl Default for EventBus {
 }
 
 impl EventBus {
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LoggedEvent>> {
         self.sender.subscribe()
     }
 
-    pub(crate) fn publish(&self, event: Event) {
-        tracing::info!(event = event.type_name(), ?event, "event");
+    pub(crate) fn publish(&self, event: LoggedEvent) {
+        tracing::info!(seq = event.seq, event = event.event.type_name(), ?event.event, "event");
         // No subscribers is not an error: the event simply has no audience yet.
-        let _ = self.sender.send(event);
+        let _ = self.sender.send(Arc::new(event));
     }
 }

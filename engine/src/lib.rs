@@ -9,6 +9,7 @@
 //! of the workspace.
 
 pub mod error;
+pub mod event_log;
 pub mod events;
 pub mod history;
 pub mod merge;
@@ -18,7 +19,8 @@ pub mod session;
 pub mod types;
 
 pub use error::{Error, Result};
-pub use events::{Event, EventBus};
+pub use event_log::{EventPage, EventQuery};
+pub use events::{Event, EventBus, LoggedEvent, EVENT_TYPES};
 pub use history::{BlameRange, BlameSource, Diff};
 pub use merge::{
     ByteRange, MergeInProgress, MergeOutcome, MergeReport, MergeRequest, MergeStrategy,

@@ -276,7 +276,7 @@ impl Pool {
         // A failure after the map began to change leaves it half merged: the pool fails.
         let failing = self.inner.clone();
         self.inner
-            .change_gated(Some(gate), move |st| {
+            .change_gated(Some(gate), self.actor.clone(), move |st| {
                 failing.refuse_branch_sessions(&volume, &into, "merging into it")?;
                 let id = st.catalog.head_id(&volume, &into)?;
                 check_gated(Some(head_id), id, &into)?;
@@ -326,13 +326,7 @@ impl Pool {
                             bitmap,
                         },
                     });
-                    events.push(Event::CommitCreated {
-                        volume: volume.clone(),
-                        branch: into.clone(),
-                        commit: commit_id,
-                        parents: info.parents.clone(),
-                        changed_blocks: info.changed_blocks,
-                    });
+                    events.push(Event::commit_created(&info, &take));
                 }
                 let head = st.catalog.head_mut(id)?;
                 // Everything the head maps now is shared with a commit.
@@ -417,7 +411,7 @@ impl Pool {
         let volume = volume.to_string();
         let failing = self.inner.clone();
         self.inner
-            .change_gated(Some(gate), move |st| {
+            .change_gated(Some(gate), self.actor.clone(), move |st| {
                 let id = st.catalog.head_id(&volume, &state.into)?;
                 check_gated(Some(into_id), id, &state.into)?;
                 if st.catalog.head(id)?.record.base != state.ours {
@@ -531,7 +525,7 @@ impl Pool {
         let commit_id = CommitId::random();
         let failing = self.inner.clone();
         self.inner
-            .change_gated(Some(merge_gate), move |st| {
+            .change_gated(Some(merge_gate), self.actor.clone(), move |st| {
                 let _into_gate = into_gate;
                 let id = st.catalog.head_id(&volume, &name)?;
                 check_gated(Some(merge_id), id, &name)?;
@@ -605,13 +599,7 @@ impl Pool {
                     st.catalog.apply(op)?;
                 }
                 let events = vec![
-                    Event::CommitCreated {
-                        volume: volume.clone(),
-                        branch: state.into.clone(),
-                        commit: commit_id,
-                        parents: info.parents.clone(),
-                        changed_blocks: info.changed_blocks,
-                    },
+                    Event::commit_created(&info, &changed),
                     Event::MergeCompleted {
                         volume: volume.clone(),
                         branch: state.into.clone(),

@@ -14,7 +14,8 @@ use tokio::sync::{broadcast, OwnedRwLockWriteGuard};
 use crate::allocator::SpaceAllocator;
 use crate::catalog::*;
 use crate::error::{Error, Result};
-use crate::events::{Event, EventBus};
+use crate::event_log::EventIndex;
+use crate::events::{Event, EventBus, LoggedEvent};
 use crate::extent_map::MapReader;
 use crate::format::*;
 use crate::grace::Grace;
@@ -68,9 +69,34 @@ pub(crate) struct State {
     pub journal_end: u64,
     /// A space scan is reading metadata pages: freed pages are not reused until it ends.
     pub scan_active: bool,
+    /// The sequence number of the next event logged.
+    pub next_event_seq: u64,
+    /// Events of changes that need no sync point of their own (sessions opening and closing),
+    /// with their actors: logged by the next one.
+    pub pending_events: Vec<(Event, Option<Arc<str>>)>,
 }
 
 impl State {
+    /// Numbers the pending events and then `events` (made by `actor`) for the log.
+    fn number_events(&mut self, events: Vec<Event>, actor: Option<Arc<str>>) -> Vec<LoggedEvent> {
+        let time_unix_ms = now_unix_ms();
+        let pending = std::mem::take(&mut self.pending_events);
+        let all = pending
+            .into_iter()
+            .chain(events.into_iter().map(|event| (event, actor.clone())));
+        all.map(|(event, actor)| {
+            let seq = self.next_event_seq;
+            self.next_event_seq += 1;
+            LoggedEvent {
+                seq,
+                time_unix_ms,
+                actor: actor.map(|a| a.to_string()),
+                event,
+            }
+        })
+        .collect()
+    }
+
     fn head_records(&mut self) -> Vec<HeadRecord> {
         let ids = std::mem::take(&mut self.dirty_heads);
         ids.into_iter()
@@ -126,12 +152,18 @@ pub(crate) struct PoolInner {
     pub(crate) reclaim_wanted: Arc<tokio::sync::Notify>,
     /// The latest scan's figures.
     pub(crate) space: Mutex<Option<crate::reclaim::SpaceReport>>,
+    /// Which journal records hold which events.
+    pub(crate) event_index: Mutex<EventIndex>,
+    /// Wakes the event logger.
+    pub(crate) log_wanted: Arc<tokio::sync::Notify>,
 }
 
 /// A handle on an open pool; clones share it.
 #[derive(Clone)]
 pub struct Pool {
     pub(crate) inner: Arc<PoolInner>,
+    /// Who the changes made through this handle are logged as.
+    pub(crate) actor: Option<Arc<str>>,
 }
 
 impl Pool {
@@ -169,7 +201,7 @@ impl Pool {
         data_dir: Option<PathBuf>,
     ) -> Result<Pool> {
         let poisoned = Arc::new(AtomicBool::new(false));
-        let state = recover(
+        let (state, event_index) = recover(
             &backend,
             (cache_bytes / PAGE_SIZE as u64) as usize,
             &poisoned,
@@ -188,13 +220,30 @@ impl Pool {
             reclaim_lock: Default::default(),
             reclaim_wanted: Default::default(),
             space: Mutex::new(None),
+            event_index: Mutex::new(event_index),
+            log_wanted: Default::default(),
         };
         Ok(Pool {
             inner: Arc::new(inner),
+            actor: None,
         })
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    /// A handle on the same pool whose changes are logged as made by `actor`.
+    pub fn with_actor(&self, actor: impl Into<String>) -> Pool {
+        Pool {
+            inner: self.inner.clone(),
+            actor: Some(Arc::from(actor.into())),
+        }
+    }
+
+    /// How long the event log serves events (`None`: for ever).
+    pub fn set_event_retention(&self, retention: Option<std::time::Duration>) {
+        self.inner.event_index.lock().set_retention(retention);
+    }
+
+    /// Logged events as their changes become durable, in order.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LoggedEvent>> {
         self.inner.events.subscribe()
     }
 
@@ -239,7 +288,7 @@ impl Pool {
         let name = name.to_string();
         let created = name.clone();
         self.inner
-            .change(move |st| {
+            .change(self.actor.clone(), move |st| {
                 if st.catalog.volumes.contains_key(&name) {
                     return Err(Error::exists(format!("volume {name:?}")));
                 }
@@ -293,7 +342,7 @@ impl Pool {
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let name = name.to_string();
         self.inner
-            .change(move |st| {
+            .change(self.actor.clone(), move |st| {
                 let vol = st.catalog.volume(&name)?;
                 if vol.sessions > 0 {
                     return Err(Error::Conflict(format!(
@@ -373,7 +422,7 @@ impl Pool {
         let (volume, branch) = (volume.to_string(), branch.to_string());
         let (v, b) = (volume.clone(), branch.clone());
         self.inner
-            .change_gated(gate, move |st| {
+            .change_gated(gate, self.actor.clone(), move |st| {
                 check_name_free(&st.catalog, &volume, &branch)?;
                 let gen = st.meta.gen;
                 let (root, base, base_gen, changed) = match &source {
@@ -465,7 +514,7 @@ impl Pool {
         let (volume, branch) = (volume.to_string(), branch.to_string());
         let inner = self.inner.clone();
         self.inner
-            .change(move |st| {
+            .change(self.actor.clone(), move |st| {
                 inner.refuse_branch_sessions(&volume, &branch, "deleting it")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
                 let waiting: Vec<&str> = st
@@ -532,7 +581,7 @@ impl Pool {
         let (volume, branch) = (volume.to_string(), branch.to_string());
         let (id, v) = (CommitId::random(), volume.clone());
         self.inner
-            .change_gated(Some(gate), move |st| {
+            .change_gated(Some(gate), self.actor.clone(), move |st| {
                 let head_id = st.catalog.head_id(&volume, &branch)?;
                 check_gated(Some(gated), head_id, &branch)?;
                 let size_bytes = st.catalog.volume(&volume)?.size_bytes;
@@ -572,17 +621,11 @@ impl Pool {
                 head.record.base = Some(id);
                 head.record.base_gen = gen;
                 head.record.exclusive_since = gen + 1;
-                head.changed = RoaringTreemap::new();
+                let changed = std::mem::take(&mut head.changed);
                 st.dirty_heads.insert(head_id);
                 let op = CatalogOp::Commit { commit };
                 st.catalog.apply(&op)?;
-                let event = Event::CommitCreated {
-                    volume: volume.clone(),
-                    branch: branch.clone(),
-                    commit: id,
-                    parents: info.parents.clone(),
-                    changed_blocks: info.changed_blocks,
-                };
+                let event = Event::commit_created(&info, &changed);
                 Ok((vec![op], vec![event]))
             })
             .await?;
@@ -675,7 +718,7 @@ impl Pool {
         let (volume, tag) = (volume.to_string(), tag.to_string());
         let (v, t) = (volume.clone(), tag.clone());
         self.inner
-            .change(move |st| {
+            .change(self.actor.clone(), move |st| {
                 let owner = st.catalog.commit_volumes.get(&commit);
                 if owner != Some(&volume) {
                     return Err(Error::invalid(format!(
@@ -726,7 +769,7 @@ impl Pool {
     pub async fn delete_tag(&self, volume: &str, tag: &str) -> Result<()> {
         let (volume, tag) = (volume.to_string(), tag.to_string());
         self.inner
-            .change(move |st| {
+            .change(self.actor.clone(), move |st| {
                 if !st.catalog.volume(&volume)?.tags.contains_key(&tag) {
                     return Err(Error::not_found(format!(
                         "tag {tag:?} of volume {volume:?}"
@@ -854,13 +897,16 @@ impl Pool {
             .sessions
             .lock()
             .insert(id, (info.clone(), counters.clone()));
-        drop(st);
-        self.inner.events.publish(Event::SessionOpened {
+        // Logged by a sync point of its own soon, or by the next one.
+        let event = Event::SessionOpened {
             session: id,
             export: export.to_string(),
             protocol: info.client.protocol.clone(),
             client: info.client.address.clone(),
-        });
+        };
+        st.pending_events.push((event, Some(info.client.actor())));
+        drop(st);
+        self.inner.log_soon();
         Ok(Arc::new(Session {
             pool: self.inner.clone(),
             info,
@@ -945,27 +991,26 @@ impl PoolInner {
     /// Makes every acknowledged write durable.
     pub(crate) async fn flush(self: &Arc<Self>) -> Result<()> {
         let inner = self.clone();
-        run_blocking(move || inner.sync(|_| Ok((Vec::new(), Vec::new()))))
-            .await
-            .map(|_| ())
+        run_blocking(move || inner.sync(None, |_| Ok((Vec::new(), Vec::new())))).await
     }
 
-    /// Applies a catalog change and makes it durable with a sync point; events are published
-    /// once it is.
-    pub(crate) async fn change<F>(self: &Arc<Self>, f: F) -> Result<()>
+    /// Applies a catalog change and makes it durable with a sync point that logs its events
+    /// as made by `actor`; they are published once it is.
+    pub(crate) async fn change<F>(self: &Arc<Self>, actor: Option<Arc<str>>, f: F) -> Result<()>
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
     {
-        self.change_gated(None, f).await
+        self.change_gated(None, actor, f).await
     }
 
     /// Like `change`, holding a head's gate exclusively until the change is durable. The work,
     /// the gate and the events go to a blocking thread together: if the caller is cancelled
-    /// (an HTTP client gone), the change still completes, publishes its events, and only then
-    /// lets writes through.
+    /// (an HTTP client gone), the change still completes and publishes its events, and only
+    /// then lets writes through.
     pub(crate) async fn change_gated<F>(
         self: &Arc<Self>,
         gate: Option<OwnedRwLockWriteGuard<()>>,
+        actor: Option<Arc<str>>,
         f: F,
     ) -> Result<()>
     where
@@ -973,21 +1018,26 @@ impl PoolInner {
     {
         let inner = self.clone();
         run_blocking(move || {
-            let result = inner.sync(f);
+            let result = inner.sync(actor, f);
             drop(gate);
-            let events = result?;
-            for event in events {
-                inner.events.publish(event);
-            }
-            Ok(())
+            result
         })
         .await
     }
 
+    /// Asks the event logger (`Pool::spawn_event_logger`) to log pending events (sessions
+    /// opened or closed) with a sync point of their own; without one, the next sync point
+    /// logs them.
+    pub(crate) fn log_soon(&self) {
+        self.log_wanted.notify_one();
+    }
+
     /// One sync point (FORMAT.md, "sync points"): the catalog change `f` applied, dirty nodes
     /// written and the generation advanced, all under the state lock; then data, metadata and
-    /// a journal record made durable, in that order. Runs on a blocking thread.
-    pub(crate) fn sync<F>(&self, f: F) -> Result<Vec<Event>>
+    /// a journal record made durable, in that order. The record logs the change's events (and
+    /// any pending ones), which are published once it is durable, in order. Runs on a blocking
+    /// thread.
+    pub(crate) fn sync<F>(&self, actor: Option<Arc<str>>, f: F) -> Result<()>
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
     {
@@ -996,24 +1046,35 @@ impl PoolInner {
         let snapshot = {
             let mut st = self.state.lock();
             let (ops, events) = f(&mut st)?;
-            if ops.is_empty() && st.dirty_heads.is_empty() && st.meta.dirty_pages() == 0 {
-                None.ok_or(events)
+            let events = st.number_events(events, actor);
+            if ops.is_empty()
+                && events.is_empty()
+                && st.dirty_heads.is_empty()
+                && st.meta.dirty_pages() == 0
+            {
+                None
             } else {
                 st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
                 let gen = st.meta.gen;
                 st.meta.gen += 1;
                 let heads = st.head_records();
-                let record = Record::Sync { gen, ops, heads };
+                let record = Record::Sync {
+                    gen,
+                    ops,
+                    heads,
+                    events,
+                };
                 let payload =
                     serde_json::to_vec(&record).map_err(|e| self.fail_err(Error::Io(e.into())))?;
                 if payload.len() > RECORD_MAX_BYTES as usize {
                     let err = Error::invalid("a journal record exceeds its size bound");
                     return Err(self.fail_err(err));
                 }
+                let Record::Sync { events, .. } = record;
                 let framed = encode_record(&payload);
                 let at = st.journal_end;
                 st.journal_end += framed.len() as u64;
-                Ok((framed, gen, at, events))
+                Some((framed, gen, at, events))
             }
         };
         // Every mapping in the snapshot was installed after its data write completed, and every
@@ -1021,15 +1082,13 @@ impl PoolInner {
         // both. It must come after the snapshot, or a block mapped in between would be recorded
         // without its data.
         io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
-        let (record, gen, journal_at, events) = match snapshot {
-            Ok(snapshot) => snapshot,
-            Err(events) => {
-                // Nothing new to record: the durable state is the last record's.
-                let durable = self.state.lock().meta.gen - 1;
-                self.release_freed(durable);
-                return Ok(events);
-            }
+        let Some((record, gen, journal_at, events)) = snapshot else {
+            // Nothing new to record: the durable state is the last record's.
+            let durable = self.state.lock().meta.gen - 1;
+            self.release_freed(durable);
+            return Ok(());
         };
+        let payload_len = (record.len() - RECORD_HEADER_BYTES) as u64;
         let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
             .and_then(|()| {
                 io::write_blocking(&*self.backend, FileKind::Journal, journal_at, record)
@@ -1037,7 +1096,17 @@ impl PoolInner {
             .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Journal));
         durable.map_err(|e| self.fail(e))?;
         self.release_freed(gen);
-        Ok(events)
+        if !events.is_empty() {
+            // Still under the sync lock: the index and subscribers see events in order.
+            let payload_at = journal_at + RECORD_HEADER_BYTES as u64;
+            self.event_index
+                .lock()
+                .append(&events, payload_at, payload_len);
+            for event in events {
+                self.events.publish(event);
+            }
+        }
+        Ok(())
     }
 
     /// Space freed up to the durable sync point `gen` is unreferenced on disk; once no I/O
@@ -1221,7 +1290,7 @@ fn recover(
     backend: &Arc<dyn IoBackend>,
     cache_pages: usize,
     failed: &Arc<AtomicBool>,
-) -> Result<State> {
+) -> Result<(State, EventIndex)> {
     let journal_len = backend.file_len(FileKind::Journal)?;
     if journal_len < PAGE_SIZE as u64 {
         // A pool exists once its journal header is durable; before that only the two other
@@ -1234,7 +1303,7 @@ fn recover(
                 ));
             }
         }
-        return create(backend, cache_pages, failed);
+        return Ok((create(backend, cache_pages, failed)?, EventIndex::new(None)));
     }
     let header = io::read_blocking(&**backend, FileKind::Journal, 0, PAGE_SIZE)?;
     let pool_id = FileHeader::decode(&header, JOURNAL_MAGIC, "journal.grove")?.pool_id;
@@ -1274,12 +1343,30 @@ fn recover(
     }
     let mut catalog = Catalog::default();
     let mut gen = 1;
+    let mut event_index = EventIndex::new(None);
+    let mut next_event_seq = 1;
+    let mut payload_at = PAGE_SIZE as u64;
     for (i, payload) in payloads.iter().enumerate() {
+        payload_at += RECORD_HEADER_BYTES as u64;
         let at = || format!("journal record {i}");
         let record: Record = serde_json::from_slice(payload)
             .map_err(|e| Error::corrupt(format!("journal record ({e})"), at()))?;
+        let record_at = payload_at;
+        payload_at += payload.len() as u64;
         match record {
-            Record::Sync { gen: g, ops, heads } => {
+            Record::Sync {
+                gen: g,
+                ops,
+                heads,
+                events,
+            } => {
+                if let Some(last) = events.last() {
+                    if events.first().is_some_and(|e| e.seq != next_event_seq) {
+                        return Err(Error::corrupt("journal events out of sequence", at()));
+                    }
+                    next_event_seq = last.seq + 1;
+                    event_index.append(&events, record_at, payload.len() as u64);
+                }
                 for op in &ops {
                     catalog
                         .apply(op)
@@ -1363,15 +1450,20 @@ fn recover(
         meta_pages = meta.pages.used(),
         "pool recovered"
     );
-    Ok(State {
-        meta,
-        data,
-        pending_data: Vec::new(),
-        catalog,
-        dirty_heads: BTreeSet::new(),
-        journal_end,
-        scan_active: false,
-    })
+    Ok((
+        State {
+            meta,
+            data,
+            pending_data: Vec::new(),
+            catalog,
+            dirty_heads: BTreeSet::new(),
+            journal_end,
+            scan_active: false,
+            next_event_seq,
+            pending_events: Vec::new(),
+        },
+        event_index,
+    ))
 }
 
 fn create(
@@ -1417,6 +1509,8 @@ fn create(
         dirty_heads: BTreeSet::new(),
         journal_end: PAGE_SIZE as u64,
         scan_active: false,
+        next_event_seq: 1,
+        pending_events: Vec::new(),
     })
 }
 

@@ -254,7 +254,7 @@ impl Pool {
         run_blocking(move || {
             let report = scan(&inner)?;
             // The sweep's frees become reusable at this sync point.
-            inner.sync(|_| Ok((Vec::new(), Vec::new())))?;
+            inner.sync(None, |_| Ok((Vec::new(), Vec::new())))?;
             *inner.space.lock() = Some(report.clone());
             drop(one_at_a_time);
             tracing::info!(
@@ -288,7 +288,7 @@ impl Pool {
             loop {
                 wanted.notified().await;
                 let Some(inner) = pool.upgrade() else { break };
-                let pool = Pool { inner };
+                let pool = Pool { inner, actor: None };
                 if pool.is_failed() {
                     continue;
                 }
@@ -314,7 +314,7 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
     // Every data block allocated before tracking began is mapped or freed once this returns.
     inner.grace.synchronize();
     let mut snapshot = None;
-    inner.sync(|st| {
+    inner.sync(None, |st| {
         snapshot = Some(roots(st));
         Ok((Vec::new(), Vec::new()))
     })?;

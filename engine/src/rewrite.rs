@@ -37,7 +37,7 @@ impl Pool {
         let (volume, branch) = (v.clone(), b.clone());
         let inner = self.inner.clone();
         self.inner
-            .change_gated(Some(gate), move |st| {
+            .change_gated(Some(gate), self.actor.clone(), move |st| {
                 inner.refuse_branch_sessions(&volume, &branch, "a reset")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
                 check_gated(Some(gated), id, &branch)?;
@@ -101,7 +101,7 @@ impl Pool {
         let (volume, prefix) = (volume.to_string(), id.to_hex());
         let inner = self.inner.clone();
         self.inner
-            .change(move |st| {
+            .change(self.actor.clone(), move |st| {
                 refuse_readers(&inner)?;
                 let commit = st.catalog.find_commit(&volume, &prefix)?.clone();
                 let id = commit.info.id;
@@ -183,7 +183,7 @@ impl Pool {
         let name = name.to_string();
         let created = name.clone();
         self.inner
-            .change_gated(gate, move |st| {
+            .change_gated(gate, self.actor.clone(), move |st| {
                 if st.catalog.volumes.contains_key(&name) {
                     return Err(Error::exists(format!("volume {name:?}")));
                 }

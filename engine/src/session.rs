@@ -26,6 +26,13 @@ pub struct SessionClient {
     pub address: String,
 }
 
+impl SessionClient {
+    /// The session's changes and events are logged as made by `PROTOCOL:ADDRESS`.
+    pub fn actor(&self) -> Arc<str> {
+        Arc::from(format!("{}:{}", self.protocol, self.address))
+    }
+}
+
 /// I/O counters of one session; monotonically increasing.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionCounters {
@@ -687,20 +694,19 @@ fn flatten(mut chunks: Vec<ReadChunk>, len_bytes: u64) -> Vec<u8> {
 impl Drop for Session {
     fn drop(&mut self) {
         self.pool.sessions.lock().remove(&self.info.id);
-        if let Some(vol) = self
-            .pool
-            .state
-            .lock()
-            .catalog
-            .volumes
-            .get_mut(self.info.target.volume())
         {
-            vol.sessions = vol.sessions.saturating_sub(1);
+            let mut st = self.pool.state.lock();
+            if let Some(vol) = st.catalog.volumes.get_mut(self.info.target.volume()) {
+                vol.sessions = vol.sessions.saturating_sub(1);
+            }
+            let event = Event::SessionClosed {
+                session: self.info.id,
+                export: self.info.export.clone(),
+                counters: self.counters.snapshot(),
+            };
+            st.pending_events
+                .push((event, Some(self.info.client.actor())));
         }
-        self.pool.events.publish(Event::SessionClosed {
-            session: self.info.id,
-            export: self.info.export.clone(),
-            counters: self.counters.snapshot(),
-        });
+        self.pool.log_soon();
     }
 }

@@ -260,9 +260,13 @@ pub struct ExportInfo {
 }
 
 pub(crate) fn now_unix() -> u64 {
+    now_unix_ms() / 1000
+}
+
+pub(crate) fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 

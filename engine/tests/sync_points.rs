@@ -123,7 +123,7 @@ async fn a_cancelled_commit_completes_and_stays_immutable() {
     writer.await.unwrap().unwrap();
 
     let event = loop {
-        match events.recv().await.unwrap() {
+        match events.recv().await.unwrap().event.clone() {
             Event::CommitCreated { commit, .. } => break commit,
             _ => continue,
         }

@@ -2,10 +2,13 @@
 //! rejections.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use axum::Json;
+use grove_engine::Pool;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -53,6 +56,41 @@ where
         let request = Request::from_parts(parts, Body::from(bytes));
         let JsonBody(value) = JsonBody::from_request(request, state).await?;
         Ok(OptionalJsonBody(value))
+    }
+}
+
+/// The pool, acting for the caller: the changes a request makes are logged as made by the
+/// `X-Grove-Actor` header's value (1-128 printable ASCII characters), or else by
+/// `api@CLIENT_IP`.
+pub struct Acting(pub Pool);
+
+/// The header naming who a request acts for.
+pub const ACTOR_HEADER: &str = "x-grove-actor";
+
+impl FromRequestParts<Pool> for Acting {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, pool: &Pool) -> Result<Self, Self::Rejection> {
+        let actor = match parts.headers.get(ACTOR_HEADER) {
+            Some(value) => value
+                .to_str()
+                .ok()
+                .filter(|v| {
+                    (1..=128).contains(&v.len())
+                        && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                })
+                .ok_or_else(|| {
+                    ApiError::invalid_argument(
+                        "X-Grove-Actor must be 1-128 printable ASCII characters",
+                    )
+                })?
+                .to_string(),
+            None => match parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+                Some(ConnectInfo(address)) => format!("api@{}", address.ip()),
+                None => "api".to_string(),
+            },
+        };
+        Ok(Acting(pool.with_actor(actor)))
     }
 }
 

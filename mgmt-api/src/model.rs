@@ -933,3 +933,74 @@ pub struct Health {
     /// "ok" from `/healthz`, "ready" from `/readyz`.
     pub status: String,
 }
+
+/// Query of `GET /v1/events` and `GET /v1/events/stream`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Events after this sequence number (default: from the oldest; for the stream: from now,
+    /// or after `Last-Event-ID`).
+    pub since: Option<u64>,
+    /// Only these event types, comma-separated (`commit.created,merge.completed`).
+    #[serde(rename = "type")]
+    #[param(rename = "type", example = "commit.created")]
+    pub types: Option<String>,
+    /// Only events about this volume.
+    pub volume: Option<String>,
+    /// Most events to return: 1 to 10000, default 1000 (not for the stream).
+    #[param(minimum = 1, maximum = 10000)]
+    pub limit: Option<usize>,
+}
+
+/// A logged event: its sequence number, time, actor and type, then the fields of its type
+/// (`volume`, `branch`, `commit`, `parents`, `changed_extents`, ...).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct Event {
+    /// 1, 2, 3... in the order the changes became durable; never reused.
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_unix_ms: u64,
+    /// Who made the change: the API caller (`X-Grove-Actor`, else `api@ADDRESS`), or the
+    /// NBD client of a session (`nbd:ADDRESS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// `volume.created`, `commit.created`, `merge.completed`, `session.closed`, ...
+    #[serde(rename = "type")]
+    #[schema(rename = "type", example = "commit.created")]
+    pub event_type: String,
+    /// The fields of the event's type.
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<&engine::LoggedEvent> for Event {
+    fn from(event: &engine::LoggedEvent) -> Self {
+        let mut fields = match serde_json::to_value(&event.event) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            _ => serde_json::Map::new(),
+        };
+        fields.remove("type");
+        Event {
+            seq: event.seq,
+            time_unix_ms: event.time_unix_ms,
+            actor: event.actor.clone(),
+            event_type: event.event.type_name().to_string(),
+            fields,
+        }
+    }
+}
+
+/// Answer of `GET /v1/events`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct EventPage {
+    /// Oldest first.
+    pub events: Vec<Event>,
+    /// Ask again with `since` set to this for the next page (with filters it may be past the
+    /// last event returned).
+    pub next_since: u64,
+    /// The oldest event the log still holds (0: none); older ones fell out of retention.
+    pub first_seq: u64,
+    /// The newest event logged (0: none yet).
+    pub last_seq: u64,
+}

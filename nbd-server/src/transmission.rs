@@ -891,6 +891,9 @@ where
             debug!(%error, "flush at disconnect failed");
         }
     }
+    // The session ends before the client sees the connection close: a client that waits
+    // for the close can count on it being gone.
+    drop(export);
     drop(reply_tx);
     let written = match writer_task.await {
         Ok(result) => result,

@@ -11,6 +11,8 @@ use serde::de::DeserializeOwned;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one request may take in all; a commit waits for a flush, so be generous.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// A stream silent for this long is taken as dropped.
+const STREAM_SILENCE_MAX: Duration = Duration::from_secs(60);
 /// Most bytes of a non-JSON error body quoted in a message.
 const ERROR_TEXT_LEN_MAX: usize = 300;
 
@@ -35,6 +37,11 @@ impl std::error::Error for ApiFailure {}
 pub struct Client {
     base_url: String,
     agent: ureq::Agent,
+    /// For streams: no bound on the whole response, only on silence (the server sends a
+    /// keep-alive comment every 15 s).
+    stream_agent: ureq::Agent,
+    /// Who the changes are logged as made by (`X-Grove-Actor`): `$GROVE_ACTOR`, else `$USER`.
+    actor: Option<String>,
 }
 
 impl Client {
@@ -51,7 +58,50 @@ impl Client {
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("grove/", env!("CARGO_PKG_VERSION")))
             .build();
-        Ok(Client { base_url, agent })
+        let stream_agent = ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout_read(STREAM_SILENCE_MAX)
+            .user_agent(concat!("grove/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let actor = ["GROVE_ACTOR", "USER"]
+            .iter()
+            .filter_map(|name| std::env::var(name).ok())
+            .find(|value| {
+                (1..=128).contains(&value.len())
+                    && value.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            });
+        Ok(Client {
+            base_url,
+            agent,
+            stream_agent,
+            actor,
+        })
+    }
+
+    /// GETs a stream (server-sent events) and returns its body as it arrives.
+    pub fn stream(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<impl std::io::Read + Send> {
+        let mut request = self
+            .stream_agent
+            .get(&self.url(path))
+            .set("Accept", "text/event-stream");
+        for (name, value) in query {
+            request = request.query(name, value);
+        }
+        match request.call() {
+            Ok(response) => Ok(response.into_reader()),
+            Err(error) => Err(self.failure(error)),
+        }
+    }
+
+    fn with_actor(&self, request: ureq::Request) -> ureq::Request {
+        match &self.actor {
+            Some(actor) => request.set("X-Grove-Actor", actor),
+            None => request,
+        }
     }
 
     /// GETs `path` (already encoded, starting with '/') and returns the body.
@@ -65,11 +115,14 @@ impl Client {
 
     /// POSTs a JSON body to `path` and returns the answer's body.
     pub fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<String> {
-        self.finish(self.agent.post(&self.url(path)).send_json(body))
+        self.finish(
+            self.with_actor(self.agent.post(&self.url(path)))
+                .send_json(body),
+        )
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<String> {
-        self.finish(self.agent.delete(&self.url(path)).call())
+        self.finish(self.with_actor(self.agent.delete(&self.url(path))).call())
     }
 
     fn url(&self, path: &str) -> String {
@@ -81,21 +134,28 @@ impl Client {
             Ok(response) => response
                 .into_string()
                 .context("cannot read the API's answer"),
-            Err(ureq::Error::Status(status, response)) => {
+            Err(error) => Err(self.failure(error)),
+        }
+    }
+
+    /// An error answer, or no answer, as an error that says what went wrong.
+    fn failure(&self, error: ureq::Error) -> anyhow::Error {
+        match error {
+            ureq::Error::Status(status, response) => {
                 let text = response.into_string().unwrap_or_default();
                 match serde_json::from_str::<ErrorBody>(&text) {
-                    Ok(body) => Err(ApiFailure { status, body, text }.into()),
+                    Ok(body) => ApiFailure { status, body, text }.into(),
                     Err(_) => {
                         let text: String = text.trim().chars().take(ERROR_TEXT_LEN_MAX).collect();
-                        Err(anyhow::anyhow!("the API answered HTTP {status}: {text}"))
+                        anyhow::anyhow!("the API answered HTTP {status}: {text}")
                     }
                 }
             }
-            Err(ureq::Error::Transport(transport)) => Err(anyhow::anyhow!(
+            ureq::Error::Transport(transport) => anyhow::anyhow!(
                 "cannot reach the grove API at {} ({transport}); is `grove serve` running? \
                  (set --api or GROVE_API to use another address)",
                 self.base_url
-            )),
+            ),
         }
     }
 }

@@ -6,6 +6,7 @@ mod branch;
 mod client;
 mod commit;
 mod diff;
+mod events;
 mod log;
 mod merge;
 mod output;
@@ -78,6 +79,8 @@ pub enum Command {
     Blame(blame::BlameArgs),
     /// List live NBD and iSCSI sessions with their I/O counters.
     Sessions,
+    /// Print the event log; `--follow` keeps printing new events.
+    Events(events::EventsArgs),
 }
 
 /// Runs a command: `serve` runs the daemon, every other command is a client of its API.
@@ -98,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reset(args) => reset::run(&client()?, json, args),
         Command::Blame(args) => blame::run(&client()?, json, args),
         Command::Sessions => sessions::run(&client()?, json),
+        Command::Events(args) => events::run(&client()?, json, args),
     }
 }
 

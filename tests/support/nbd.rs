@@ -357,9 +357,14 @@ impl Conn {
     }
 
     /// NBD_CMD_DISC: the polite end of a session.
+    /// Sends NBD_CMD_DISC and waits (up to 10 s) for the server to close the connection,
+    /// which it does once the session is over.
     pub fn disconnect(mut self) {
         let _ = self.send_request(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, &[]);
         let _ = self.stream.shutdown(Shutdown::Write);
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut sink = [0u8; 4096];
+        while matches!(self.stream.read(&mut sink), Ok(n) if n > 0) {}
     }
 
     /// Half-closes the connection: the server sees end of input, replies can still arrive.

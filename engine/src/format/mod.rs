@@ -165,7 +165,8 @@ pub struct RecordHeader {
     pub crc: U32,
     pub reserved: U32,
 }
-const _: () = assert!(std::mem::size_of::<RecordHeader>() == 16);
+pub const RECORD_HEADER_BYTES: usize = 16;
+const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"GRVR");
 /// Largest journal record accepted; anything bigger is a torn or corrupt tail.
 pub const RECORD_MAX_BYTES: u32 = 256 << 20;

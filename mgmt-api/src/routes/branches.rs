@@ -12,7 +12,7 @@ use grove_engine::Pool;
 
 use super::{blocking, encode_segment, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, JsonBody};
+use crate::extract::{Acting, ApiPath, JsonBody};
 use crate::model::{Branch, CreateBranch, ResetBranch};
 use crate::validate;
 
@@ -55,7 +55,7 @@ pub async fn list_branches(
     )
 )]
 pub async fn create_branch(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath(volume): ApiPath<String>,
     JsonBody(request): JsonBody<CreateBranch>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -123,7 +123,7 @@ pub async fn show_branch(
     )
 )]
 pub async fn delete_branch(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;
@@ -156,7 +156,7 @@ pub async fn delete_branch(
     )
 )]
 pub async fn reset_branch(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
     JsonBody(request): JsonBody<ResetBranch>,
 ) -> Result<Json<Branch>, ApiError> {

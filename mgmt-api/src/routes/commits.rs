@@ -9,7 +9,7 @@ use grove_engine::{Pool, MAIN_BRANCH};
 
 use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, ApiQuery, JsonBody};
+use crate::extract::{Acting, ApiPath, ApiQuery, JsonBody};
 use crate::model::{Commit, CreateCommit, LogQuery};
 use crate::validate;
 
@@ -34,7 +34,7 @@ use crate::validate;
     )
 )]
 pub async fn create_commit(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
     JsonBody(request): JsonBody<CreateCommit>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -93,7 +93,7 @@ pub async fn show_commit(
     )
 )]
 pub async fn delete_commit(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;

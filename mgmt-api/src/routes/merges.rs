@@ -9,7 +9,7 @@ use grove_engine::{MergeOutcome, Pool};
 
 use super::{blocking, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, JsonBody, OptionalJsonBody};
+use crate::extract::{Acting, ApiPath, JsonBody, OptionalJsonBody};
 use crate::model::{ByteRange, Commit, ConcludeMerge, CreateMerge, MergeInProgress, MergeReport};
 use crate::size::format_size;
 use crate::validate;
@@ -46,7 +46,7 @@ use crate::validate;
     )
 )]
 pub async fn merge(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath(volume): ApiPath<String>,
     JsonBody(request): JsonBody<CreateMerge>,
 ) -> Result<Json<MergeReport>, ApiError> {
@@ -151,7 +151,7 @@ pub async fn show_merge(
     )
 )]
 pub async fn conclude_merge(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
     OptionalJsonBody(request): OptionalJsonBody<ConcludeMerge>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -187,7 +187,7 @@ pub async fn conclude_merge(
     )
 )]
 pub async fn abort_merge(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;

@@ -4,6 +4,7 @@
 
 pub mod branches;
 pub mod commits;
+pub mod events;
 pub mod health;
 pub mod history;
 pub mod merges;
@@ -28,6 +29,8 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(pool::pool_status))
         .routes(routes!(pool::reclaim))
         .routes(routes!(sessions::list_sessions))
+        .routes(routes!(events::list_events))
+        .routes(routes!(events::stream_events))
         .routes(routes!(volumes::list_volumes, volumes::create_volume))
         .routes(routes!(volumes::show_volume, volumes::delete_volume))
         .routes(routes!(volumes::list_clones, volumes::create_clone))

@@ -6,6 +6,7 @@ use grove_engine::Pool;
 
 use super::blocking;
 use crate::error::{ApiError, ErrorBody};
+use crate::extract::Acting;
 use crate::model::{PoolStatus, SpaceReport};
 
 /// Capacity, used and free bytes of the pool, with the totals of the latest space scan.
@@ -44,7 +45,7 @@ pub async fn pool_status(State(pool): State<Pool>) -> Result<Json<PoolStatus>, A
         (status = 503, description = "The pool is closed", body = ErrorBody),
     )
 )]
-pub async fn reclaim(State(pool): State<Pool>) -> Result<Json<SpaceReport>, ApiError> {
+pub async fn reclaim(Acting(pool): Acting) -> Result<Json<SpaceReport>, ApiError> {
     let report = pool.reclaim().await?;
     Ok(Json(report.into()))
 }

@@ -10,7 +10,7 @@ use grove_engine::Pool;
 
 use super::{blocking, encode_segment, location};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, JsonBody};
+use crate::extract::{Acting, ApiPath, JsonBody};
 use crate::model::{CreateTag, Tag};
 use crate::validate;
 
@@ -53,7 +53,7 @@ pub async fn list_tags(
     )
 )]
 pub async fn create_tag(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath(volume): ApiPath<String>,
     JsonBody(request): JsonBody<CreateTag>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -118,7 +118,7 @@ pub async fn show_tag(
     )
 )]
 pub async fn delete_tag(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath((volume, tag)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;

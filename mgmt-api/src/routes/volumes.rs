@@ -8,7 +8,7 @@ use grove_engine::Pool;
 
 use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiPath, JsonBody};
+use crate::extract::{Acting, ApiPath, JsonBody};
 use crate::model::{CreateClone, CreateVolume, Volume, VolumeDetail, VolumeSpaceScan};
 use crate::validate;
 
@@ -44,7 +44,7 @@ pub async fn list_volumes(State(pool): State<Pool>) -> Result<Json<Vec<Volume>>,
     )
 )]
 pub async fn create_volume(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     JsonBody(request): JsonBody<CreateVolume>,
 ) -> Result<impl IntoResponse, ApiError> {
     validate::volume_name(&request.name)?;
@@ -109,7 +109,7 @@ pub async fn show_volume(
     )
 )]
 pub async fn delete_volume(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath(volume): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;
@@ -167,7 +167,7 @@ pub async fn list_clones(
     )
 )]
 pub async fn create_clone(
-    State(pool): State<Pool>,
+    Acting(pool): Acting,
     ApiPath(volume): ApiPath<String>,
     JsonBody(request): JsonBody<CreateClone>,
 ) -> Result<impl IntoResponse, ApiError> {
