@@ -133,6 +133,17 @@ pub enum CatalogOp {
         volume: String,
         id: CommitId,
     },
+    /// Sets a control-plane record (a hook, a hook's delivery progress): opaque JSON that
+    /// the engine keeps durable with everything else.
+    PutRecord {
+        kind: String,
+        id: String,
+        value: serde_json::Value,
+    },
+    DeleteRecord {
+        kind: String,
+        id: String,
+    },
     CreateTag {
         volume: String,
         tag: String,
@@ -205,6 +216,8 @@ pub struct Catalog {
     /// Commit id -> volume holding it. Commit ids are unique across the pool, and a clone's
     /// history continues into the volume it was cloned from.
     pub commit_volumes: HashMap<CommitId, String>,
+    /// Control-plane records by (kind, id).
+    pub records: BTreeMap<(String, String), serde_json::Value>,
 }
 
 impl Catalog {
@@ -385,6 +398,13 @@ impl Catalog {
             }
             CatalogOp::DeleteTag { volume, tag } => {
                 self.volume_mut(volume)?.tags.remove(tag);
+            }
+            CatalogOp::PutRecord { kind, id, value } => {
+                self.records
+                    .insert((kind.clone(), id.clone()), value.clone());
+            }
+            CatalogOp::DeleteRecord { kind, id } => {
+                self.records.remove(&(kind.clone(), id.clone()));
             }
         }
         Ok(())

@@ -110,6 +110,19 @@ pub enum Event {
         merge_branch: String,
         from: CommitId,
     },
+    #[serde(rename = "hook.created")]
+    HookCreated { hook: String },
+    #[serde(rename = "hook.deleted")]
+    HookDeleted { hook: String },
+    /// A hook kept failing to take an event; it is retried on.
+    #[serde(rename = "hook.failed")]
+    HookFailed {
+        hook: String,
+        /// The event it could not deliver.
+        event_seq: u64,
+        attempts: u32,
+        error: String,
+    },
     #[serde(rename = "session.opened")]
     SessionOpened {
         session: u64,
@@ -139,6 +152,9 @@ pub const EVENT_TYPES: &[&str] = &[
     "merge.completed",
     "merge.started",
     "merge.aborted",
+    "hook.created",
+    "hook.deleted",
+    "hook.failed",
     "session.opened",
     "session.closed",
 ];
@@ -209,6 +225,9 @@ impl Event {
             Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => {
                 export.split('@').next()
             }
+            Event::HookCreated { .. } | Event::HookDeleted { .. } | Event::HookFailed { .. } => {
+                None
+            }
         }
     }
 
@@ -245,6 +264,9 @@ impl Event {
             Event::MergeCompleted { .. } => "merge.completed",
             Event::MergeStarted { .. } => "merge.started",
             Event::MergeAborted { .. } => "merge.aborted",
+            Event::HookCreated { .. } => "hook.created",
+            Event::HookDeleted { .. } => "hook.deleted",
+            Event::HookFailed { .. } => "hook.failed",
             Event::SessionOpened { .. } => "session.opened",
             Event::SessionClosed { .. } => "session.closed",
         }

@@ -15,6 +15,7 @@ pub mod history;
 pub mod merge;
 pub mod pool;
 pub mod reclaim;
+pub mod records;
 pub mod session;
 pub mod types;
 
