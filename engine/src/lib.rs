@@ -26,7 +26,7 @@ pub use history::{BlameRange, BlameSource, Diff};
 pub use merge::{
     ByteRange, MergeInProgress, MergeOutcome, MergeReport, MergeRequest, MergeStrategy,
 };
-pub use pool::{IoChoice, Pool, PoolOptions};
+pub use pool::{Candidate, IoChoice, Pool, PoolOptions};
 pub use reclaim::{SpaceReport, VolumeSpace};
 pub use roaring::RoaringTreemap;
 pub use session::{

@@ -74,9 +74,29 @@ pub(crate) struct State {
     /// Events of changes that need no sync point of their own (sessions opening and closing),
     /// with their actors: logged by the next one.
     pub pending_events: Vec<(Event, Option<Arc<str>>)>,
+    /// Commits being checked before they are made: id -> (volume, head).
+    pub candidates: HashMap<CommitId, (String, u64)>,
 }
 
 impl State {
+    /// Resolves a ref string, candidates of commits being checked included.
+    pub fn resolve(&self, spec: &str) -> Result<ResolvedRef> {
+        match self.catalog.resolve(spec) {
+            Err(err @ Error::NotFound { .. }) => {
+                let candidate = spec.split_once('@').and_then(|(volume, name)| {
+                    let id = CommitId::try_from(name.to_string()).ok()?;
+                    let (v, _) = self.candidates.get(&id)?;
+                    (v == volume).then(|| ResolvedRef::Commit {
+                        volume: v.clone(),
+                        commit: id,
+                    })
+                });
+                candidate.ok_or(err)
+            }
+            other => other,
+        }
+    }
+
     /// Numbers the pending events and then `events` (made by `actor`) for the log.
     fn number_events(&mut self, events: Vec<Event>, actor: Option<Arc<str>>) -> Vec<LoggedEvent> {
         let time_unix_ms = now_unix_ms();
@@ -576,60 +596,34 @@ impl Pool {
         if request.message.trim().is_empty() {
             return Err(Error::invalid("a commit needs a non-empty message"));
         }
+        self.prepare_commit(volume, branch)
+            .await?
+            .commit(request)
+            .await
+    }
+
+    /// The commit `volume@branch` would make now, held still for inspection (a pre-commit
+    /// check): writes to the branch wait until the candidate is committed or dropped, and
+    /// meanwhile it reads as the read-only export `VOL@ID` under the id it will have.
+    pub async fn prepare_commit(&self, volume: &str, branch: &str) -> Result<Candidate> {
         // Waits for in-flight writes on the head; new ones wait for the commit.
-        let (gated, gate) = self.gate_head(volume, branch).await?;
-        let (volume, branch) = (volume.to_string(), branch.to_string());
-        let (id, v) = (CommitId::random(), volume.clone());
-        self.inner
-            .change_gated(Some(gate), self.actor.clone(), move |st| {
-                let head_id = st.catalog.head_id(&volume, &branch)?;
-                check_gated(Some(gated), head_id, &branch)?;
-                let size_bytes = st.catalog.volume(&volume)?.size_bytes;
-                let gen = st.meta.gen;
-                let head = st.catalog.head(head_id)?;
-                refuse_merge_branch(head, "commit on it")?;
-                let mut bitmap = Vec::new();
-                head.changed
-                    .serialize_into(&mut bitmap)
-                    .map_err(Error::Io)?;
-                let info = CommitInfo {
-                    id,
-                    volume: volume.clone(),
-                    branch: branch.clone(),
-                    parents: head.record.base.into_iter().collect(),
-                    message: request.message,
-                    author: request.author,
-                    meta: request.meta,
-                    created_unix: now_unix(),
-                    changed_blocks: head.changed.len(),
-                    size_bytes,
-                };
-                let root = head.record.root;
-                let page = st.meta.write_blob(&bitmap)?;
-                let blob = BlobRef {
-                    page,
-                    len_bytes: bitmap.len() as u64,
-                    crc: crc32c::crc32c(&bitmap),
-                };
-                let commit = CommitRecord {
-                    info: info.clone(),
-                    root,
-                    gen,
-                    bitmap: blob,
-                };
-                let head = st.catalog.head_mut(head_id)?;
-                head.record.base = Some(id);
-                head.record.base_gen = gen;
-                head.record.exclusive_since = gen + 1;
-                let changed = std::mem::take(&mut head.changed);
-                st.dirty_heads.insert(head_id);
-                let op = CatalogOp::Commit { commit };
-                st.catalog.apply(&op)?;
-                let event = Event::commit_created(&info, &changed);
-                Ok((vec![op], vec![event]))
-            })
-            .await?;
-        self.commit_info(&v, &id.to_hex())
+        let (head_id, gate) = self.gate_head(volume, branch).await?;
+        let id = CommitId::random();
+        let mut st = self.inner.state.lock();
+        let head = st.catalog.head(head_id)?;
+        refuse_merge_branch(head, "commit on it")?;
+        let (parent, changed) = (head.record.base, head.changed.clone());
+        st.candidates.insert(id, (volume.to_string(), head_id));
+        Ok(Candidate {
+            pool: self.clone(),
+            volume: volume.to_string(),
+            branch: branch.to_string(),
+            commit: id,
+            parent,
+            changed,
+            head_id,
+            gate: Some(gate),
+        })
     }
 
     /// Holds a head's gate exclusively: waits for the writes in flight on it, and holds new
@@ -791,9 +785,40 @@ impl Pool {
             .await
     }
 
-    /// Resolves `VOL`, `VOL@BRANCH`, `VOL@TAG`, `VOL@COMMIT` (full or unique prefix).
+    /// Resolves `VOL`, `VOL@BRANCH`, `VOL@TAG`, `VOL@COMMIT` (full or unique prefix), and
+    /// the candidate of a commit being checked (`VOL@ID`, full id).
     pub fn resolve(&self, refspec: &str) -> Result<ResolvedRef> {
-        self.inner.state.lock().catalog.resolve(refspec)
+        self.inner.state.lock().resolve(refspec)
+    }
+
+    /// What an export name serves: its canonical name, whether it is read-only, its size.
+    pub fn export_info(&self, name: &str) -> Result<ExportInfo> {
+        let st = self.inner.state.lock();
+        let target = st.resolve(name)?;
+        let (size_bytes, description) = match &target {
+            ResolvedRef::Branch { volume, branch } => (
+                st.catalog.volume(volume)?.size_bytes,
+                format!("branch {branch} of volume {volume}"),
+            ),
+            ResolvedRef::Tag { volume, commit, .. } | ResolvedRef::Commit { volume, commit } => {
+                match st.catalog.commit_required(commit) {
+                    Ok(c) => (
+                        c.info.size_bytes,
+                        format!("commit {commit} of volume {volume}: {}", c.info.message),
+                    ),
+                    Err(_) => (
+                        st.catalog.volume(volume)?.size_bytes,
+                        format!("candidate commit {commit} of volume {volume}, being checked"),
+                    ),
+                }
+            }
+        };
+        Ok(ExportInfo {
+            name: target.canonical_name(),
+            read_only: target.read_only(),
+            size_bytes,
+            description,
+        })
     }
 
     /// Resolves a ref given in the context of `volume`: a full ref (`VOL@NAME`), or a bare
@@ -861,7 +886,7 @@ impl Pool {
     /// Opens an I/O session on a ref (an export name).
     pub fn open_session(&self, export: &str, client: SessionClient) -> Result<Arc<Session>> {
         let mut st = self.inner.state.lock();
-        let target = st.catalog.resolve(export)?;
+        let target = st.resolve(export)?;
         let vol = st.catalog.volume(target.volume())?;
         let size_bytes = vol.size_bytes;
         let session_target = match &target {
@@ -875,9 +900,12 @@ impl Pool {
                 }
             }
             ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
-                SessionTarget::Commit {
-                    root: st.catalog.commit_required(commit)?.root,
-                }
+                let root = match st.candidates.get(commit) {
+                    // Held still by its gate while it is checked.
+                    Some((_, head_id)) => st.catalog.head(*head_id)?.record.root,
+                    None => st.catalog.commit_required(commit)?.root,
+                };
+                SessionTarget::Commit { root }
             }
         };
         st.catalog.volume_mut(target.volume())?.sessions += 1;
@@ -1461,6 +1489,7 @@ fn recover(
             scan_active: false,
             next_event_seq,
             pending_events: Vec::new(),
+            candidates: HashMap::new(),
         },
         event_index,
     ))
@@ -1511,11 +1540,107 @@ fn create(
         scan_active: false,
         next_event_seq: 1,
         pending_events: Vec::new(),
+        candidates: HashMap::new(),
     })
 }
 
 impl Drop for PoolInner {
     fn drop(&mut self) {
         tracing::debug!("pool closed");
+    }
+}
+
+/// A commit about to be made, held still while it is checked (`Pool::prepare_commit`).
+/// Writes to its branch wait until it is committed or dropped; dropping it makes nothing.
+pub struct Candidate {
+    pool: Pool,
+    pub volume: String,
+    pub branch: String,
+    /// The id the commit will have; while the candidate lives, `VOL@ID` reads it.
+    pub commit: CommitId,
+    /// The branch's latest commit, the candidate's parent.
+    pub parent: Option<CommitId>,
+    /// The blocks it changes.
+    pub changed: RoaringTreemap,
+    head_id: u64,
+    gate: Option<OwnedRwLockWriteGuard<()>>,
+}
+
+impl Candidate {
+    /// The read-only export that reads the candidate.
+    pub fn export(&self) -> String {
+        format!("{}@{}", self.volume, self.commit)
+    }
+
+    /// Makes the commit.
+    pub async fn commit(mut self, request: CommitRequest) -> Result<CommitInfo> {
+        if request.message.trim().is_empty() {
+            return Err(Error::invalid("a commit needs a non-empty message"));
+        }
+        let gate = self.gate.take();
+        let (volume, branch, id, gated) = (
+            self.volume.clone(),
+            self.branch.clone(),
+            self.commit,
+            self.head_id,
+        );
+        let pool = self.pool.clone();
+        pool.inner
+            .change_gated(gate, pool.actor.clone(), move |st| {
+                st.candidates.remove(&id);
+                let head_id = st.catalog.head_id(&volume, &branch)?;
+                check_gated(Some(gated), head_id, &branch)?;
+                let size_bytes = st.catalog.volume(&volume)?.size_bytes;
+                let gen = st.meta.gen;
+                let head = st.catalog.head(head_id)?;
+                refuse_merge_branch(head, "commit on it")?;
+                let mut bitmap = Vec::new();
+                head.changed
+                    .serialize_into(&mut bitmap)
+                    .map_err(Error::Io)?;
+                let info = CommitInfo {
+                    id,
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                    parents: head.record.base.into_iter().collect(),
+                    message: request.message,
+                    author: request.author,
+                    meta: request.meta,
+                    created_unix: now_unix(),
+                    changed_blocks: head.changed.len(),
+                    size_bytes,
+                };
+                let root = head.record.root;
+                let page = st.meta.write_blob(&bitmap)?;
+                let blob = BlobRef {
+                    page,
+                    len_bytes: bitmap.len() as u64,
+                    crc: crc32c::crc32c(&bitmap),
+                };
+                let commit = CommitRecord {
+                    info: info.clone(),
+                    root,
+                    gen,
+                    bitmap: blob,
+                };
+                let head = st.catalog.head_mut(head_id)?;
+                head.record.base = Some(id);
+                head.record.base_gen = gen;
+                head.record.exclusive_since = gen + 1;
+                let changed = std::mem::take(&mut head.changed);
+                st.dirty_heads.insert(head_id);
+                let op = CatalogOp::Commit { commit };
+                st.catalog.apply(&op)?;
+                let event = Event::commit_created(&info, &changed);
+                Ok((vec![op], vec![event]))
+            })
+            .await?;
+        pool.commit_info(&self.volume, &id.to_hex())
+    }
+}
+
+impl Drop for Candidate {
+    fn drop(&mut self) {
+        self.pool.inner.state.lock().candidates.remove(&self.commit);
     }
 }

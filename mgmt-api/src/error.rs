@@ -76,6 +76,11 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_argument", message)
     }
 
+    /// A blocking hook refused the operation, which changed nothing.
+    pub fn vetoed(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::CONFLICT, "vetoed_by_hook", message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }

@@ -12,6 +12,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod hooks;
 pub mod model;
 pub mod openapi;
 pub mod routes;
@@ -34,9 +35,12 @@ pub use crate::openapi::openapi;
 /// The API's router over `pool`.
 pub fn router(pool: Pool) -> Router {
     let (router, _) = routes::api_router().split_for_parts();
+    // Starts the hooks' delivery tasks (on the current runtime, if any).
+    let hooks = hooks::Hooks::start(pool.clone());
     router
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::Extension(hooks))
         .layer(middleware::from_fn(log_request))
         .with_state(pool)
 }

@@ -192,17 +192,10 @@ impl ExportProvider for PoolProvider {
 
     fn describe(&self, name: &str) -> Result<ExportInfo> {
         let target = self.pool.resolve(name)?;
-        let size_bytes = match &target {
-            ResolvedRef::Branch { volume, .. } => self.pool.volume(volume)?.size_bytes,
-            ResolvedRef::Tag { volume, commit, .. } | ResolvedRef::Commit { volume, commit } => {
-                self.pool.commit_info(volume, &commit.to_hex())?.size_bytes
-            }
-        };
+        let info = self.pool.export_info(name)?;
         Ok(ExportInfo {
-            name: target.canonical_name(),
-            read_only: target.read_only(),
-            size_bytes,
             description: describe_target(&target),
+            ..info
         })
     }
 

@@ -7,6 +7,7 @@ mod client;
 mod commit;
 mod diff;
 mod events;
+mod hook;
 mod log;
 mod merge;
 mod output;
@@ -81,6 +82,9 @@ pub enum Command {
     Sessions,
     /// Print the event log; `--follow` keeps printing new events.
     Events(events::EventsArgs),
+    /// Add, list, show and delete hooks; see and redo their deliveries.
+    #[command(subcommand)]
+    Hook(hook::HookCommand),
 }
 
 /// Runs a command: `serve` runs the daemon, every other command is a client of its API.
@@ -102,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Blame(args) => blame::run(&client()?, json, args),
         Command::Sessions => sessions::run(&client()?, json),
         Command::Events(args) => events::run(&client()?, json, args),
+        Command::Hook(command) => hook::run(&client()?, json, command),
     }
 }
 

@@ -7,12 +7,13 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use grove_engine::Pool;
 
 use super::{blocking, encode_segment, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, JsonBody};
+use crate::hooks::Hooks;
 use crate::model::{Branch, CreateBranch, ResetBranch};
 use crate::validate;
 
@@ -124,10 +125,16 @@ pub async fn show_branch(
 )]
 pub async fn delete_branch(
     Acting(pool): Acting,
+    Extension(hooks): Extension<Hooks>,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;
     validate::branch_name(&branch)?;
+    pool.branch(&volume, &branch)?;
+    let payload = serde_json::json!({"kind": "branch", "volume": volume, "branch": branch});
+    hooks
+        .check("pre-delete", &volume, Some(&branch), payload)
+        .await?;
     pool.delete_branch(&volume, &branch).await?;
     Ok(StatusCode::NO_CONTENT)
 }

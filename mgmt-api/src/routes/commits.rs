@@ -4,14 +4,20 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use grove_engine::{Pool, MAIN_BRANCH};
+use serde_json::json;
 
 use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, ApiQuery, JsonBody};
+use crate::hooks::{extents, Hooks};
 use crate::model::{Commit, CreateCommit, LogQuery};
 use crate::validate;
+
+/// Changed ranges a pre-commit hook is given at most (`changed_extents_complete` says if
+/// that is all).
+const PRE_COMMIT_EXTENTS: usize = 10_000;
 
 /// Commit the head of a branch.
 ///
@@ -35,13 +41,37 @@ use crate::validate;
 )]
 pub async fn create_commit(
     Acting(pool): Acting,
+    Extension(hooks): Extension<Hooks>,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
     JsonBody(request): JsonBody<CreateCommit>,
 ) -> Result<impl IntoResponse, ApiError> {
     validate::volume_name(&volume)?;
     validate::branch_name(&branch)?;
     let request = validate::commit_request(request)?;
-    let info = pool.commit(&volume, &branch, request).await?;
+    let info = if hooks.has_blocking("pre-commit", &volume, Some(&branch)) {
+        // Held still (writes to the branch wait) while the hooks look at it; a veto drops it.
+        let candidate = pool.prepare_commit(&volume, &branch).await?;
+        let (changed_extents, complete) = extents(&candidate.changed, PRE_COMMIT_EXTENTS);
+        let payload = json!({
+            "volume": volume,
+            "branch": branch,
+            "commit": candidate.commit.to_hex(),
+            "export": candidate.export(),
+            "parent": candidate.parent.map(|id| id.to_hex()),
+            "message": request.message,
+            "author": request.author,
+            "meta": request.meta,
+            "changed_blocks": candidate.changed.len(),
+            "changed_extents": changed_extents,
+            "changed_extents_complete": complete,
+        });
+        hooks
+            .check("pre-commit", &volume, Some(&branch), payload)
+            .await?;
+        candidate.commit(request).await?
+    } else {
+        pool.commit(&volume, &branch, request).await?
+    };
     let headers = location(format!("/v1/volumes/{}/commits/{}", info.volume, info.id));
     Ok((StatusCode::CREATED, headers, Json(Commit::from(info))))
 }
@@ -94,10 +124,16 @@ pub async fn show_commit(
 )]
 pub async fn delete_commit(
     Acting(pool): Acting,
+    Extension(hooks): Extension<Hooks>,
     ApiPath((volume, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;
     let id = validate::commit_id_prefix(&id)?;
+    let commit = pool.commit_info(&volume, &id)?;
+    let payload = json!({"kind": "commit", "volume": volume, "commit": commit.id.to_hex(), "branch": commit.branch});
+    hooks
+        .check("pre-delete", &volume, Some(&commit.branch), payload)
+        .await?;
     pool.delete_commit(&volume, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

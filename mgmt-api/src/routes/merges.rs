@@ -4,12 +4,13 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use grove_engine::{MergeOutcome, Pool};
 
 use super::{blocking, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, JsonBody, OptionalJsonBody};
+use crate::hooks::Hooks;
 use crate::model::{ByteRange, Commit, ConcludeMerge, CreateMerge, MergeInProgress, MergeReport};
 use crate::size::format_size;
 use crate::validate;
@@ -47,12 +48,31 @@ use crate::validate;
 )]
 pub async fn merge(
     Acting(pool): Acting,
+    Extension(hooks): Extension<Hooks>,
     ApiPath(volume): ApiPath<String>,
     JsonBody(request): JsonBody<CreateMerge>,
 ) -> Result<Json<MergeReport>, ApiError> {
     validate::volume_name(&volume)?;
     let request = validate::merge_request(&volume, request)?;
     resolve_ref(&pool, &volume, &request.from).await?;
+    if !request.dry_run && hooks.has_blocking("pre-merge", &volume, Some(&request.into)) {
+        // The hooks see what the merge would do.
+        let preview = grove_engine::MergeRequest {
+            dry_run: true,
+            ..request.clone()
+        };
+        let preview = MergeReport::from(pool.merge(&volume, preview).await?);
+        let payload = serde_json::json!({
+            "volume": volume,
+            "into": request.into,
+            "from": request.from,
+            "strategy": request.strategy,
+            "merge": preview,
+        });
+        hooks
+            .check("pre-merge", &volume, Some(&request.into), payload)
+            .await?;
+    }
     let from = request.from.clone();
     let report = pool.merge(&volume, request).await?;
     if report.outcome == MergeOutcome::Conflicts && !report.dry_run {
@@ -153,11 +173,26 @@ pub async fn show_merge(
 pub async fn conclude_merge(
     Acting(pool): Acting,
     ApiPath((volume, branch)): ApiPath<(String, String)>,
+    Extension(hooks): Extension<Hooks>,
     OptionalJsonBody(request): OptionalJsonBody<ConcludeMerge>,
 ) -> Result<impl IntoResponse, ApiError> {
     validate::volume_name(&volume)?;
     validate::branch_name(&branch)?;
     let ConcludeMerge { message, author } = request;
+    let merge = pool.merge_in_progress(&volume, &branch)?;
+    if hooks.has_blocking("pre-merge", &volume, Some(&merge.into)) {
+        let into = merge.into.clone();
+        let payload = serde_json::json!({
+            "volume": volume,
+            "into": into,
+            "from": merge.from,
+            "strategy": "manual",
+            "merge_in_progress": MergeInProgress::from(merge),
+        });
+        hooks
+            .check("pre-merge", &volume, Some(&into), payload)
+            .await?;
+    }
     if let Some(message) = &message {
         validate::commit_message(message)?;
     }

@@ -7,6 +7,7 @@ pub mod commits;
 pub mod events;
 pub mod health;
 pub mod history;
+pub mod hooks;
 pub mod merges;
 pub mod pool;
 pub mod sessions;
@@ -31,6 +32,9 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(sessions::list_sessions))
         .routes(routes!(events::list_events))
         .routes(routes!(events::stream_events))
+        .routes(routes!(hooks::list_hooks, hooks::create_hook))
+        .routes(routes!(hooks::show_hook, hooks::delete_hook))
+        .routes(routes!(hooks::list_deliveries, hooks::redeliver))
         .routes(routes!(volumes::list_volumes, volumes::create_volume))
         .routes(routes!(volumes::show_volume, volumes::delete_volume))
         .routes(routes!(volumes::list_clones, volumes::create_clone))

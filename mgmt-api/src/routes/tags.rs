@@ -5,12 +5,13 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use grove_engine::Pool;
 
 use super::{blocking, encode_segment, location};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, JsonBody};
+use crate::hooks::Hooks;
 use crate::model::{CreateTag, Tag};
 use crate::validate;
 
@@ -119,10 +120,20 @@ pub async fn show_tag(
 )]
 pub async fn delete_tag(
     Acting(pool): Acting,
+    Extension(hooks): Extension<Hooks>,
     ApiPath((volume, tag)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;
     validate::tag_name(&tag)?;
+    if !pool.tags(&volume)?.iter().any(|info| info.name == tag) {
+        return Err(ApiError::not_found(format!(
+            "tag {tag:?} of volume {volume:?} not found"
+        )));
+    }
+    let payload = serde_json::json!({"kind": "tag", "volume": volume, "tag": tag});
+    hooks
+        .check("pre-delete", &volume, Some(&tag), payload)
+        .await?;
     pool.delete_tag(&volume, &tag).await?;
     Ok(StatusCode::NO_CONTENT)
 }

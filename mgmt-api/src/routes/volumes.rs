@@ -3,12 +3,13 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::Json;
+use axum::{Extension, Json};
 use grove_engine::Pool;
 
 use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, JsonBody};
+use crate::hooks::Hooks;
 use crate::model::{CreateClone, CreateVolume, Volume, VolumeDetail, VolumeSpaceScan};
 use crate::validate;
 
@@ -110,9 +111,13 @@ pub async fn show_volume(
 )]
 pub async fn delete_volume(
     Acting(pool): Acting,
+    Extension(hooks): Extension<Hooks>,
     ApiPath(volume): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     validate::volume_name(&volume)?;
+    pool.volume(&volume)?;
+    let payload = serde_json::json!({"kind": "volume", "volume": volume});
+    hooks.check("pre-delete", &volume, None, payload).await?;
     pool.delete_volume(&volume).await?;
     Ok(StatusCode::NO_CONTENT)
 }
