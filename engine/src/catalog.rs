@@ -58,6 +58,24 @@ pub struct HeadRecord {
     /// Set on a merge branch: a merge left open for resolution by hand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merge: Option<Box<MergeState>>,
+    /// Who wrote the head's uncommitted data: the next commit's lineage.
+    #[serde(default, skip_serializing_if = "HeadLineage::is_empty")]
+    pub lineage: HeadLineage,
+}
+
+/// The sessions (and their jobs) that wrote a head since its latest commit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeadLineage {
+    #[serde(default)]
+    pub writers: Vec<SessionWriter>,
+    #[serde(default)]
+    pub jobs: Vec<String>,
+}
+
+impl HeadLineage {
+    pub fn is_empty(&self) -> bool {
+        self.writers.is_empty() && self.jobs.is_empty()
+    }
 }
 
 impl HeadRecord {

@@ -139,16 +139,18 @@ impl Pool {
     /// A page of the event log: events after `query.since`, oldest first, filtered. Reads the
     /// journal: call it from a blocking thread.
     pub fn events(&self, query: &EventQuery) -> Result<EventPage> {
-        let (spans, horizon, last_seq) = {
+        let (spans, horizon, last_seq, first_seq) = {
             let mut index = self.inner.event_index.lock();
             index.expire(crate::types::now_unix_ms());
             let from = index.spans.partition_point(|s| s.last <= query.since);
             let horizon = index
                 .retention
                 .map(|r| (crate::types::now_unix_ms()).saturating_sub(r.as_millis() as u64));
-            (index.spans[from..].to_vec(), horizon, index.last_seq())
+            let first_seq = index.spans.first().map_or(0, |s| s.first);
+            (index.spans[from..].to_vec(), horizon, index.last_seq(), first_seq)
         };
         let mut page = EventPage {
+            first_seq,
             // Events before the first record left fell out of retention: skip past them.
             next_since: spans
                 .first()
@@ -174,9 +176,6 @@ impl Pool {
                 if event.seq <= query.since || horizon.is_some_and(|h| event.time_unix_ms < h) {
                     continue;
                 }
-                if page.first_seq == 0 {
-                    page.first_seq = event.seq;
-                }
                 let wanted = (query.types.is_empty()
                     || query.types.iter().any(|t| t == event.event.type_name()))
                     && query
@@ -191,9 +190,6 @@ impl Pool {
                     }
                 }
             }
-        }
-        if page.first_seq == 0 {
-            page.first_seq = spans.first().map_or(0, |s| s.first);
         }
         Ok(page)
     }

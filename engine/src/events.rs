@@ -223,7 +223,7 @@ impl Event {
             | Event::MergeStarted { volume, .. }
             | Event::MergeAborted { volume, .. } => Some(volume),
             Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => {
-                export.split('@').next()
+                export.split(['@', '?']).next()
             }
             Event::HookCreated { .. } | Event::HookDeleted { .. } | Event::HookFailed { .. } => {
                 None
@@ -242,9 +242,11 @@ impl Event {
             | Event::MergeStarted { branch, .. }
             | Event::MergeAborted { branch, .. } => Some(branch),
             Event::TagCreated { tag, .. } | Event::TagDeleted { tag, .. } => Some(tag),
-            Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => {
-                export.split_once('@').map(|(_, r)| r)
-            }
+            Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => export
+                .split('?')
+                .next()
+                .and_then(|name| name.split_once('@'))
+                .map(|(_, r)| r),
             _ => None,
         }
     }

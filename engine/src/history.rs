@@ -269,7 +269,7 @@ impl Diff {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum BlameSource {
     /// The commit whose change put the current content there.
-    Committed { commit: CommitInfo },
+    Committed { commit: Box<CommitInfo> },
     /// Written on the branch head since its last commit.
     Uncommitted,
     /// Never written since the volume was created: reads as zeros.
@@ -406,7 +406,7 @@ impl Pool {
             for (id, blocks) in &found {
                 let source = match id {
                     Some(id) => BlameSource::Committed {
-                        commit: st.catalog.commit_required(id)?.info.clone(),
+                        commit: Box::new(st.catalog.commit_required(id)?.info.clone()),
                     },
                     None => BlameSource::NeverWritten,
                 };

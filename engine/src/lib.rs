@@ -12,6 +12,7 @@ pub mod error;
 pub mod event_log;
 pub mod events;
 pub mod history;
+pub mod lineage;
 pub mod merge;
 pub mod pool;
 pub mod reclaim;

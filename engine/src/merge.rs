@@ -313,6 +313,8 @@ impl Pool {
                         created_unix: now_unix(),
                         changed_blocks: take.len(),
                         size_bytes,
+                        // Its parents say where its data came from.
+                        lineage: Default::default(),
                     };
                     let head = st.catalog.head_mut(id)?;
                     head.record.root = root;
@@ -332,6 +334,7 @@ impl Pool {
                 // Everything the head maps now is shared with a commit.
                 head.record.exclusive_since = gen + 1;
                 head.changed = RoaringTreemap::new();
+                head.record.lineage = Default::default();
                 st.dirty_heads.insert(id);
                 for op in &ops {
                     st.catalog.apply(op)?;
@@ -448,6 +451,7 @@ impl Pool {
                     base_gen,
                     created_unix: now_unix(),
                     merge: Some(Box::new(state.clone())),
+                    lineage: Default::default(),
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = plan.take.clone();
@@ -551,6 +555,8 @@ impl Pool {
                 st.catalog.commit_required(&state.theirs)?;
                 let gen = st.meta.gen;
                 let bitmap = write_bitmap(st, &changed).map_err(|e| failing.fail_meta(e))?;
+                // Who resolved the conflicts on the merge branch.
+                let lineage = st.take_lineage(id, Vec::new())?;
                 let info = CommitInfo {
                     id: commit_id,
                     volume: volume.clone(),
@@ -565,6 +571,7 @@ impl Pool {
                     created_unix: now_unix(),
                     changed_blocks: changed.len(),
                     size_bytes: st.catalog.volume(&volume)?.size_bytes,
+                    lineage,
                 };
                 // The target had nothing of its own since `ours`: it simply moves on.
                 free_head_space(st, target_id)?;

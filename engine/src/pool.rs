@@ -76,11 +76,17 @@ pub(crate) struct State {
     pub pending_events: Vec<(Event, Option<Arc<str>>)>,
     /// Commits being checked before they are made: id -> (volume, head).
     pub candidates: HashMap<CommitId, (String, u64)>,
+    /// What each job's sessions read (lineage).
+    pub jobs: HashMap<String, crate::lineage::JobReads>,
+    /// Sessions of earlier runs were numbered below this (ids stay unique in lineage).
+    pub first_session_id: u64,
 }
 
 impl State {
-    /// Resolves a ref string, candidates of commits being checked included.
+    /// Resolves a ref string or export name (a `?job=ID` suffix is ignored), candidates of
+    /// commits being checked included.
     pub fn resolve(&self, spec: &str) -> Result<ResolvedRef> {
+        let (spec, _) = split_job(spec)?;
         match self.catalog.resolve(spec) {
             Err(err @ Error::NotFound { .. }) => {
                 let candidate = spec.split_once('@').and_then(|(volume, name)| {
@@ -226,6 +232,7 @@ impl Pool {
             (cache_bytes / PAGE_SIZE as u64) as usize,
             &poisoned,
         )?;
+        let first_session_id = state.first_session_id;
         let inner = PoolInner {
             events: EventBus::default(),
             backend,
@@ -233,7 +240,7 @@ impl Pool {
             sync_lock: Mutex::new(()),
             grace: Grace::default(),
             poisoned,
-            next_session: AtomicU64::new(1),
+            next_session: AtomicU64::new(first_session_id),
             sessions: Mutex::new(HashMap::new()),
             data_dir,
             dir_lock: Mutex::new(None),
@@ -331,6 +338,7 @@ impl Pool {
                     base_gen: 0,
                     created_unix: now_unix(),
                     merge: None,
+                    lineage: Default::default(),
                 };
                 st.catalog.apply_head(&head)?;
                 st.dirty_heads.insert(head.id);
@@ -445,7 +453,7 @@ impl Pool {
             .change_gated(gate, self.actor.clone(), move |st| {
                 check_name_free(&st.catalog, &volume, &branch)?;
                 let gen = st.meta.gen;
-                let (root, base, base_gen, changed) = match &source {
+                let (root, base, base_gen, changed, lineage) = match &source {
                     ResolvedRef::Branch { branch: src, .. } => {
                         let id = st.catalog.head_id(&volume, src)?;
                         check_gated(gated, id, src)?;
@@ -454,13 +462,26 @@ impl Pool {
                         // From the next generation on, neither head owns the shared state.
                         src_head.record.exclusive_since = gen + 1;
                         let r = &src_head.record;
-                        let fork = (r.root, r.base, r.base_gen, src_head.changed.clone());
+                        // The fork's uncommitted data keeps who wrote it.
+                        let fork = (
+                            r.root,
+                            r.base,
+                            r.base_gen,
+                            src_head.changed.clone(),
+                            r.lineage.clone(),
+                        );
                         st.dirty_heads.insert(id);
                         fork
                     }
                     ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
                         let c = st.catalog.find_commit(&volume, &commit.to_hex())?;
-                        (c.root, Some(c.info.id), c.gen, RoaringTreemap::new())
+                        (
+                            c.root,
+                            Some(c.info.id),
+                            c.gen,
+                            RoaringTreemap::new(),
+                            Default::default(),
+                        )
                     }
                 };
                 let record = HeadRecord {
@@ -473,6 +494,7 @@ impl Pool {
                     base_gen,
                     created_unix: now_unix(),
                     merge: None,
+                    lineage,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = changed;
@@ -885,6 +907,8 @@ impl Pool {
 
     /// Opens an I/O session on a ref (an export name).
     pub fn open_session(&self, export: &str, client: SessionClient) -> Result<Arc<Session>> {
+        let (_, job) = split_job(export)?;
+        let job = job.map(str::to_string);
         let mut st = self.inner.state.lock();
         let target = st.resolve(export)?;
         let vol = st.catalog.volume(target.volume())?;
@@ -915,6 +939,7 @@ impl Pool {
             export: export.to_string(),
             target,
             client,
+            job,
             opened_unix: now_unix(),
             counters: Default::default(),
         };
@@ -1373,6 +1398,7 @@ fn recover(
     let mut gen = 1;
     let mut event_index = EventIndex::new(None);
     let mut next_event_seq = 1;
+    let mut first_session_id = 1;
     let mut payload_at = PAGE_SIZE as u64;
     for (i, payload) in payloads.iter().enumerate() {
         payload_at += RECORD_HEADER_BYTES as u64;
@@ -1388,6 +1414,11 @@ fn recover(
                 heads,
                 events,
             } => {
+                for event in &events {
+                    if let Event::SessionOpened { session, .. } = event.event {
+                        first_session_id = first_session_id.max(session + 1);
+                    }
+                }
                 if let Some(last) = events.last() {
                     if events.first().is_some_and(|e| e.seq != next_event_seq) {
                         return Err(Error::corrupt("journal events out of sequence", at()));
@@ -1490,6 +1521,8 @@ fn recover(
             next_event_seq,
             pending_events: Vec::new(),
             candidates: HashMap::new(),
+            jobs: HashMap::new(),
+            first_session_id,
         },
         event_index,
     ))
@@ -1541,6 +1574,8 @@ fn create(
         next_event_seq: 1,
         pending_events: Vec::new(),
         candidates: HashMap::new(),
+        jobs: HashMap::new(),
+        first_session_id: 1,
     })
 }
 
@@ -1585,6 +1620,7 @@ impl Candidate {
             self.head_id,
         );
         let pool = self.pool.clone();
+        let named = self.pool.named_sources(&self.volume, &request.sources)?;
         pool.inner
             .change_gated(gate, pool.actor.clone(), move |st| {
                 st.candidates.remove(&id);
@@ -1598,6 +1634,8 @@ impl Candidate {
                 head.changed
                     .serialize_into(&mut bitmap)
                     .map_err(Error::Io)?;
+                let lineage = st.take_lineage(head_id, named)?;
+                let head = st.catalog.head(head_id)?;
                 let info = CommitInfo {
                     id,
                     volume: volume.clone(),
@@ -1609,6 +1647,7 @@ impl Candidate {
                     created_unix: now_unix(),
                     changed_blocks: head.changed.len(),
                     size_bytes,
+                    lineage,
                 };
                 let root = head.record.root;
                 let page = st.meta.write_blob(&bitmap)?;

@@ -60,6 +60,8 @@ impl Pool {
                 head.record.base_gen = target.gen;
                 head.record.exclusive_since = gen + 1;
                 head.changed = RoaringTreemap::new();
+                // Whoever wrote the discarded data wrote nothing that lasts.
+                head.record.lineage = Default::default();
                 st.dirty_heads.insert(id);
                 Ok((
                     vec![],
@@ -190,7 +192,7 @@ impl Pool {
                 let src = st.catalog.volume(source.volume())?;
                 let (size_bytes, src_blocks) = (src.size_bytes, src.blocks);
                 let gen = st.meta.gen;
-                let (root, base, base_gen, changed) = match &source {
+                let (root, base, base_gen, changed, lineage) = match &source {
                     ResolvedRef::Branch { volume, branch } => {
                         let id = st.catalog.head_id(volume, branch)?;
                         check_gated(gated, id, branch)?;
@@ -199,13 +201,26 @@ impl Pool {
                         // From the next generation on, neither head owns the shared state.
                         head.record.exclusive_since = gen + 1;
                         let r = &head.record;
-                        let fork = (r.root, r.base, r.base_gen, head.changed.clone());
+                        // The clone's uncommitted data keeps who wrote it.
+                        let fork = (
+                            r.root,
+                            r.base,
+                            r.base_gen,
+                            head.changed.clone(),
+                            r.lineage.clone(),
+                        );
                         st.dirty_heads.insert(id);
                         fork
                     }
                     ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
                         let c = st.catalog.commit_required(commit)?;
-                        (c.root, Some(c.info.id), c.gen, RoaringTreemap::new())
+                        (
+                            c.root,
+                            Some(c.info.id),
+                            c.gen,
+                            RoaringTreemap::new(),
+                            Default::default(),
+                        )
                     }
                 };
                 let origin = VolumeOrigin {
@@ -231,6 +246,7 @@ impl Pool {
                     base_gen,
                     created_unix: now_unix(),
                     merge: None,
+                    lineage,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = changed;

@@ -88,6 +88,8 @@ pub struct SessionInfo {
     pub export: String,
     pub target: ResolvedRef,
     pub client: SessionClient,
+    /// The job the session joined (`?job=ID` after the export name).
+    pub job: Option<String>,
     pub opened_unix: u64,
     pub counters: SessionCounters,
 }
@@ -273,6 +275,12 @@ impl Session {
         self.check_range(offset_bytes, len_bytes)?;
         AtomicCounters::add(&self.counters.read_ops, 1);
         AtomicCounters::add(&self.counters.read_bytes, len_bytes);
+        if let Some(job) = &self.info.job {
+            self.pool
+                .state
+                .lock()
+                .note_read(job, &self.info.target, len_bytes);
+        }
         self.read_inner(offset_bytes, len_bytes).await
     }
 
@@ -519,6 +527,7 @@ impl Session {
             head.changed.insert_range(l..l + len);
         }
         st.dirty_heads.insert(head_id);
+        st.note_writer(head_id, &self.info, data.len() as u64);
         Ok(())
     }
 
@@ -626,6 +635,7 @@ impl Session {
             head.changed.remove_range(first..end);
         }
         st.dirty_heads.insert(id);
+        st.note_writer(id, &self.info, (end - first) * BLOCK_SIZE);
         Ok(())
     }
 

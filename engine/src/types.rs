@@ -216,6 +216,91 @@ pub struct CommitRequest {
     pub message: String,
     pub author: Option<String>,
     pub meta: BTreeMap<String, String>,
+    /// Refs of commits the data was derived from, as the client names them (`VOL@TAG`, ...).
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// Where a commit's data came from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lineage {
+    /// The sessions that wrote what the commit records (since its first parent).
+    #[serde(default)]
+    pub sessions: Vec<SessionWriter>,
+    /// The commits its data was derived from.
+    #[serde(default)]
+    pub sources: Vec<Source>,
+}
+
+impl Lineage {
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.sources.is_empty()
+    }
+}
+
+/// A session that wrote to a branch head.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionWriter {
+    pub session: u64,
+    pub protocol: String,
+    pub client: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    pub opened_unix: u64,
+    /// Bytes it wrote, zeroed or trimmed on the head.
+    pub bytes_written: u64,
+}
+
+/// How a source commit came to be known.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Named by the client in the commit request.
+    Named,
+    /// Read by a session of the same job as a session that wrote the commit's data.
+    Job,
+}
+
+/// A commit another commit's data was derived from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Source {
+    pub commit: CommitId,
+    pub volume: String,
+    pub kind: SourceKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// For job sources: the bytes the job read from it.
+    #[serde(default)]
+    pub bytes_read: u64,
+}
+
+/// Splits an export name into its ref and its job: `datasets@v3?job=train-42`.
+pub fn split_job(export: &str) -> Result<(&str, Option<&str>)> {
+    let Some((name, query)) = export.split_once('?') else {
+        return Ok((export, None));
+    };
+    let job = query.strip_prefix("job=").ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "invalid export name {export:?}: the only option after '?' is job=ID"
+        ))
+    })?;
+    validate_job(job)?;
+    Ok((name, Some(job)))
+}
+
+/// Job ids: 1-128 letters, digits, '-', '_', '.'.
+pub fn validate_job(job: &str) -> Result<()> {
+    let ok = (1..=128).contains(&job.len())
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid job id {job:?}: use 1-128 letters, digits, '-', '_' and '.'"
+        )))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -232,6 +317,9 @@ pub struct CommitInfo {
     /// Blocks written since the first parent (the commit's roaring bitmap cardinality).
     pub changed_blocks: u64,
     pub size_bytes: u64,
+    /// Which sessions wrote its data, and what it was derived from.
+    #[serde(default, skip_serializing_if = "Lineage::is_empty")]
+    pub lineage: Lineage,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

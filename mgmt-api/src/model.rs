@@ -296,6 +296,11 @@ pub struct CreateCommit {
     /// '_', '.', '/' and ':'; values at most 4096 bytes.
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+    /// Commits the data was derived from (lineage): commits, tags or branches (their latest
+    /// commits) of this volume, or full refs `VOL@NAME` of any volume; at most 256.
+    #[serde(default)]
+    #[schema(example = json!(["datasets@v3"]))]
+    pub sources: Vec<String>,
 }
 
 /// A commit: an immutable snapshot of a branch head.
@@ -316,6 +321,79 @@ pub struct Commit {
     /// Blocks written since the first parent.
     pub changed_blocks: u64,
     pub size_bytes: u64,
+    /// The sessions that wrote its data and the commits it was derived from.
+    pub lineage: Lineage,
+}
+
+/// Where a commit's data came from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct Lineage {
+    /// The sessions that wrote what the commit records.
+    pub sessions: Vec<LineageSession>,
+    /// The commits it was derived from: named in the commit request, or read by a job that
+    /// wrote it.
+    pub sources: Vec<LineageSource>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct LineageSession {
+    pub session: u64,
+    pub protocol: String,
+    pub client: String,
+    pub job: Option<String>,
+    pub opened_unix: u64,
+    pub bytes_written: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct LineageSource {
+    pub commit: String,
+    pub volume: String,
+    /// `named` (in the commit request) or `job` (read by a job that wrote the commit).
+    pub kind: String,
+    pub job: Option<String>,
+    /// For job sources: bytes the job read from it.
+    pub bytes_read: u64,
+}
+
+impl From<engine::Lineage> for Lineage {
+    fn from(lineage: engine::Lineage) -> Self {
+        Lineage {
+            sessions: lineage
+                .sessions
+                .into_iter()
+                .map(|w| LineageSession {
+                    session: w.session,
+                    protocol: w.protocol,
+                    client: w.client,
+                    job: w.job,
+                    opened_unix: w.opened_unix,
+                    bytes_written: w.bytes_written,
+                })
+                .collect(),
+            sources: lineage
+                .sources
+                .into_iter()
+                .map(LineageSource::from)
+                .collect(),
+        }
+    }
+}
+
+impl From<engine::Source> for LineageSource {
+    fn from(source: engine::Source) -> Self {
+        LineageSource {
+            commit: source.commit.to_hex(),
+            volume: source.volume,
+            kind: match source.kind {
+                engine::SourceKind::Named => "named",
+                engine::SourceKind::Job => "job",
+            }
+            .to_string(),
+            job: source.job,
+            bytes_read: source.bytes_read,
+        }
+    }
 }
 
 impl From<engine::CommitInfo> for Commit {
@@ -331,6 +409,7 @@ impl From<engine::CommitInfo> for Commit {
             created_unix: info.created_unix,
             changed_blocks: info.changed_blocks,
             size_bytes: info.size_bytes,
+            lineage: info.lineage.into(),
         }
     }
 }
@@ -584,7 +663,7 @@ impl From<engine::BlameRange> for BlameRange {
     fn from(range: engine::BlameRange) -> Self {
         let (state, commit) = match range.source {
             engine::BlameSource::Committed { commit } => {
-                (BlameState::Committed, Some(Commit::from(commit)))
+                (BlameState::Committed, Some(Commit::from(*commit)))
             }
             engine::BlameSource::Uncommitted => (BlameState::Uncommitted, None),
             engine::BlameSource::NeverWritten => (BlameState::NeverWritten, None),
@@ -906,6 +985,8 @@ pub struct Session {
     pub export: String,
     pub target: SessionTarget,
     pub client: SessionClient,
+    /// The job the session joined (`?job=ID` after the export name), for lineage.
+    pub job: Option<String>,
     /// Seconds since the Unix epoch.
     pub opened_unix: u64,
     pub counters: SessionCounters,
@@ -921,6 +1002,7 @@ impl From<engine::SessionInfo> for Session {
                 protocol: info.client.protocol,
                 address: info.client.address,
             },
+            job: info.job,
             opened_unix: info.opened_unix,
             counters: info.counters.into(),
         }
@@ -1003,4 +1085,69 @@ pub struct EventPage {
     pub first_seq: u64,
     /// The newest event logged (0: none yet).
     pub last_seq: u64,
+}
+
+/// Query of `GET /v1/volumes/{vol}/commits/{id}/lineage`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LineageQuery {
+    /// `upstream` (default: parents and sources, back to the original data) or `downstream`
+    /// (children and commits derived from it, across volumes).
+    pub direction: Option<String>,
+    /// Steps to walk, 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    pub depth: Option<usize>,
+}
+
+/// One derivation: `commit` derives from `from`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct LineageEdge {
+    pub commit: String,
+    pub from: String,
+    /// `parent` or `source`.
+    pub kind: String,
+    /// For a source: how it is known.
+    pub source: Option<LineageSource>,
+}
+
+/// Answer of `GET /v1/volumes/{vol}/commits/{id}/lineage`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct LineageGraph {
+    pub commit: String,
+    pub direction: String,
+    /// The commits reached, the starting one first, nearest first.
+    pub commits: Vec<Commit>,
+    pub edges: Vec<LineageEdge>,
+    /// The walk stopped at `depth` (or 10000 commits) with more beyond.
+    pub truncated: bool,
+}
+
+impl From<engine::lineage::LineageGraph> for LineageGraph {
+    fn from(graph: engine::lineage::LineageGraph) -> Self {
+        LineageGraph {
+            commit: graph.commit.to_hex(),
+            direction: match graph.direction {
+                engine::lineage::Direction::Upstream => "upstream",
+                engine::lineage::Direction::Downstream => "downstream",
+            }
+            .to_string(),
+            commits: graph.commits.into_iter().map(Commit::from).collect(),
+            edges: graph
+                .edges
+                .into_iter()
+                .map(|edge| LineageEdge {
+                    commit: edge.commit.to_hex(),
+                    from: edge.from.to_hex(),
+                    kind: match edge.kind {
+                        engine::lineage::EdgeKind::Parent => "parent",
+                        engine::lineage::EdgeKind::Source => "source",
+                    }
+                    .to_string(),
+                    source: edge.source.map(LineageSource::from),
+                })
+                .collect(),
+            truncated: graph.truncated,
+        }
+    }
 }

@@ -84,6 +84,7 @@ mod tests {
         ("get", "/v1/volumes/{vol}/commits/{id}"),
         ("delete", "/v1/volumes/{vol}/commits/{id}"),
         ("get", "/v1/volumes/{vol}/log"),
+        ("get", "/v1/volumes/{vol}/commits/{id}/lineage"),
         ("get", "/v1/volumes/{vol}/diff"),
         ("get", "/v1/volumes/{vol}/blame"),
         ("post", "/v1/volumes/{vol}/merges"),

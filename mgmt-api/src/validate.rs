@@ -156,12 +156,23 @@ pub fn commit_author(author: Option<&str>) -> Result<(), ApiError> {
 }
 
 /// A commit request within its bounds.
-pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> {
+pub fn commit_request(volume: &str, request: CreateCommit) -> Result<CommitRequest, ApiError> {
     let CreateCommit {
         message,
         author,
         meta,
+        sources,
     } = request;
+    if sources.len() > COMMIT_SOURCES_MAX {
+        return Err(ApiError::invalid_argument(format!(
+            "{} sources; the limit is {COMMIT_SOURCES_MAX}",
+            sources.len()
+        )));
+    }
+    let sources = sources
+        .iter()
+        .map(|source| ref_in_context(volume, source))
+        .collect::<Result<Vec<_>, _>>()?;
     commit_message(&message)?;
     commit_author(author.as_deref())?;
     if meta.len() > COMMIT_META_ENTRIES_MAX {
@@ -192,6 +203,7 @@ pub fn commit_request(request: CreateCommit) -> Result<CommitRequest, ApiError> 
         message,
         author,
         meta,
+        sources,
     })
 }
 
@@ -242,6 +254,9 @@ pub fn diff_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
+/// Sources a commit request may name.
+pub const COMMIT_SOURCES_MAX: usize = 256;
+
 /// The number of commits a `log` request returns.
 pub fn log_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     match limit {
@@ -264,6 +279,7 @@ mod tests {
             message: message.into(),
             author: None,
             meta: BTreeMap::new(),
+            sources: Vec::new(),
         }
     }
 
@@ -365,24 +381,26 @@ mod tests {
 
     #[test]
     fn commit_requests() {
-        assert!(commit_request(commit("base")).is_ok());
-        assert!(commit_request(commit("")).is_err());
-        assert!(commit_request(commit("  \n")).is_err());
-        assert!(commit_request(commit(&"m".repeat(COMMIT_MESSAGE_LEN_MAX_BYTES + 1))).is_err());
+        assert!(commit_request("vm", commit("base")).is_ok());
+        assert!(commit_request("vm", commit("")).is_err());
+        assert!(commit_request("vm", commit("  \n")).is_err());
+        assert!(
+            commit_request("vm", commit(&"m".repeat(COMMIT_MESSAGE_LEN_MAX_BYTES + 1))).is_err()
+        );
 
         let mut request = commit("m");
         request.author = Some("ana <ana@example.com>".into());
-        assert!(commit_request(request.clone()).is_ok());
+        assert!(commit_request("vm", request.clone()).is_ok());
         request.author = Some("ana\n".into());
-        assert!(commit_request(request.clone()).is_err());
+        assert!(commit_request("vm", request.clone()).is_err());
         request.author = Some(String::new());
-        assert!(commit_request(request).is_err());
+        assert!(commit_request("vm", request).is_err());
 
         let mut request = commit("m");
         request.meta.insert("dataset:version".into(), "3".into());
-        assert!(commit_request(request.clone()).is_ok());
+        assert!(commit_request("vm", request.clone()).is_ok());
         request.meta.insert("bad key".into(), "x".into());
-        assert!(commit_request(request)
+        assert!(commit_request("vm", request)
             .unwrap_err()
             .message
             .contains("bad key"));
@@ -391,13 +409,13 @@ mod tests {
         request
             .meta
             .insert("k".into(), "v".repeat(COMMIT_META_VALUE_LEN_MAX_BYTES + 1));
-        assert!(commit_request(request).is_err());
+        assert!(commit_request("vm", request).is_err());
 
         let mut request = commit("m");
         for i in 0..=COMMIT_META_ENTRIES_MAX {
             request.meta.insert(format!("k{i}"), String::new());
         }
-        assert!(commit_request(request).is_err());
+        assert!(commit_request("vm", request).is_err());
     }
 
     #[test]

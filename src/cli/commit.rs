@@ -1,4 +1,5 @@
-//! `grove commit VOL[@BRANCH] -m MSG [--author A] [--meta k=v]...`: prints the new commit id.
+//! `grove commit VOL[@BRANCH] -m MSG [--author A] [--meta k=v]... [--source REF]...`: prints the
+//! new commit id.
 //! `grove commit delete VOL ID`: squashes a commit into its children.
 
 use std::collections::BTreeMap;
@@ -31,6 +32,10 @@ pub struct CommitArgs {
     /// Metadata entry; repeat for more.
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     pub meta: Vec<(String, String)>,
+    /// A commit the data was derived from (lineage): VOL@REF, or a name in the volume;
+    /// repeat for more.
+    #[arg(long = "source", value_name = "REF")]
+    pub sources: Vec<String>,
 }
 
 fn parse_meta(text: &str) -> Result<(String, String), String> {
@@ -83,7 +88,12 @@ pub fn run(client: &Client, json: bool, args: CommitArgs) -> anyhow::Result<()> 
     };
     let target = refs::parse_branch(&target)?;
     let meta = meta_map(args.meta)?;
-    let mut body = json!({"message": message, "meta": meta});
+    let sources = args
+        .sources
+        .iter()
+        .map(|source| refs::ref_in_context(&target.volume, source))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut body = json!({"message": message, "meta": meta, "sources": sources});
     if let Some(author) = &args.author {
         body["author"] = json!(author);
     }

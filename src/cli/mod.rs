@@ -8,6 +8,7 @@ mod commit;
 mod diff;
 mod events;
 mod hook;
+mod lineage;
 mod log;
 mod merge;
 mod output;
@@ -82,6 +83,9 @@ pub enum Command {
     Sessions,
     /// Print the event log; `--follow` keeps printing new events.
     Events(events::EventsArgs),
+    /// Show where a commit's data came from (--upstream) or what was derived from it
+    /// (--downstream), across volumes.
+    Lineage(lineage::LineageArgs),
     /// Add, list, show and delete hooks; see and redo their deliveries.
     #[command(subcommand)]
     Hook(hook::HookCommand),
@@ -107,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sessions => sessions::run(&client()?, json),
         Command::Events(args) => events::run(&client()?, json, args),
         Command::Hook(command) => hook::run(&client()?, json, command),
+        Command::Lineage(args) => lineage::run(&client()?, json, args),
     }
 }
 

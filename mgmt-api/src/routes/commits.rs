@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
+use grove_engine::lineage::Direction;
 use grove_engine::{Pool, MAIN_BRANCH};
 use serde_json::json;
 
@@ -12,7 +13,7 @@ use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, ApiQuery, JsonBody};
 use crate::hooks::{extents, Hooks};
-use crate::model::{Commit, CreateCommit, LogQuery};
+use crate::model::{Commit, CreateCommit, LineageGraph, LineageQuery, LogQuery};
 use crate::validate;
 
 /// Changed ranges a pre-commit hook is given at most (`changed_extents_complete` says if
@@ -47,7 +48,7 @@ pub async fn create_commit(
 ) -> Result<impl IntoResponse, ApiError> {
     validate::volume_name(&volume)?;
     validate::branch_name(&branch)?;
-    let request = validate::commit_request(request)?;
+    let request = validate::commit_request(&volume, request)?;
     let info = if hooks.has_blocking("pre-commit", &volume, Some(&branch)) {
         // Held still (writes to the branch wait) while the hooks look at it; a veto drops it.
         let candidate = pool.prepare_commit(&volume, &branch).await?;
@@ -162,3 +163,59 @@ pub async fn log(
     let commits = blocking(pool, move |pool| Ok(pool.log(&refspec, Some(limit))?)).await?;
     Ok(Json(commits.into_iter().map(Commit::from).collect()))
 }
+
+/// Lineage of a commit: what it was derived from (`upstream`: parents and sources, across
+/// volumes, back to the original data) or what was derived from it (`downstream`).
+///
+/// Sources are the commits named in the commit request and the commits read by a job (export
+/// names with `?job=ID`) whose sessions wrote the commit's data; each commit also lists the
+/// sessions that wrote it.
+#[utoipa::path(
+    get,
+    path = "/v1/volumes/{vol}/commits/{id}/lineage",
+    tag = "commits",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("id" = String, Path, description = "Commit id (32 hex digits) or a unique prefix of one"),
+        LineageQuery,
+    ),
+    responses(
+        (status = 200, description = "The commits reached and how they derive", body = LineageGraph),
+        (status = 400, description = "Invalid id, direction or depth", body = ErrorBody),
+        (status = 404, description = "No such volume or commit", body = ErrorBody),
+    )
+)]
+pub async fn lineage(
+    State(pool): State<Pool>,
+    ApiPath((volume, id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<LineageQuery>,
+) -> Result<Json<LineageGraph>, ApiError> {
+    validate::volume_name(&volume)?;
+    let id = validate::commit_id_prefix(&id)?;
+    let direction = match query.direction.as_deref() {
+        None | Some("upstream") => Direction::Upstream,
+        Some("downstream") => Direction::Downstream,
+        Some(other) => {
+            return Err(ApiError::invalid_argument(format!(
+                "invalid direction {other:?}: use upstream or downstream"
+            )))
+        }
+    };
+    let depth = match query.depth {
+        None => LINEAGE_DEPTH_DEFAULT,
+        Some(depth) if (1..=LINEAGE_DEPTH_MAX).contains(&depth) => depth,
+        Some(depth) => {
+            return Err(ApiError::invalid_argument(format!(
+                "invalid depth {depth}: use 1-{LINEAGE_DEPTH_MAX}"
+            )))
+        }
+    };
+    let graph = blocking(pool, move |pool| {
+        Ok(pool.lineage(&volume, &id, direction, depth)?)
+    })
+    .await?;
+    Ok(Json(graph.into()))
+}
+
+const LINEAGE_DEPTH_DEFAULT: usize = 100;
+const LINEAGE_DEPTH_MAX: usize = 1000;

@@ -44,6 +44,7 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(commits::create_commit))
         .routes(routes!(commits::show_commit, commits::delete_commit))
         .routes(routes!(commits::log))
+        .routes(routes!(commits::lineage))
         .routes(routes!(history::diff))
         .routes(routes!(history::blame))
         .routes(routes!(merges::list_merges, merges::merge))
