@@ -61,6 +61,10 @@ pub struct HeadRecord {
     /// Who wrote the head's uncommitted data: the next commit's lineage.
     #[serde(default, skip_serializing_if = "HeadLineage::is_empty")]
     pub lineage: HeadLineage,
+    /// Only merges change a protected branch: its exports are read-only, and it cannot be
+    /// reset or deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protected: bool,
 }
 
 /// The sessions (and their jobs) that wrote a head since its latest commit.

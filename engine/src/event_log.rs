@@ -147,7 +147,12 @@ impl Pool {
                 .retention
                 .map(|r| (crate::types::now_unix_ms()).saturating_sub(r.as_millis() as u64));
             let first_seq = index.spans.first().map_or(0, |s| s.first);
-            (index.spans[from..].to_vec(), horizon, index.last_seq(), first_seq)
+            (
+                index.spans[from..].to_vec(),
+                horizon,
+                index.last_seq(),
+                first_seq,
+            )
         };
         let mut page = EventPage {
             first_seq,

@@ -48,6 +48,13 @@ pub enum Event {
         /// Uncommitted blocks thrown away.
         discarded_blocks: u64,
     },
+    /// A branch was protected (only merges change it) or unprotected.
+    #[serde(rename = "branch.protected")]
+    BranchProtected {
+        volume: String,
+        branch: String,
+        protected: bool,
+    },
     #[serde(rename = "tag.created")]
     TagCreated {
         volume: String,
@@ -145,6 +152,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "branch.created",
     "branch.deleted",
     "branch.reset",
+    "branch.protected",
     "tag.created",
     "tag.deleted",
     "commit.created",
@@ -215,6 +223,7 @@ impl Event {
             | Event::BranchCreated { volume, .. }
             | Event::BranchDeleted { volume, .. }
             | Event::BranchReset { volume, .. }
+            | Event::BranchProtected { volume, .. }
             | Event::TagCreated { volume, .. }
             | Event::TagDeleted { volume, .. }
             | Event::CommitCreated { volume, .. }
@@ -237,6 +246,7 @@ impl Event {
             Event::BranchCreated { branch, .. }
             | Event::BranchDeleted { branch, .. }
             | Event::BranchReset { branch, .. }
+            | Event::BranchProtected { branch, .. }
             | Event::CommitCreated { branch, .. }
             | Event::MergeCompleted { branch, .. }
             | Event::MergeStarted { branch, .. }
@@ -259,6 +269,7 @@ impl Event {
             Event::BranchCreated { .. } => "branch.created",
             Event::BranchDeleted { .. } => "branch.deleted",
             Event::BranchReset { .. } => "branch.reset",
+            Event::BranchProtected { .. } => "branch.protected",
             Event::TagCreated { .. } => "tag.created",
             Event::TagDeleted { .. } => "tag.deleted",
             Event::CommitCreated { .. } => "commit.created",

@@ -452,6 +452,7 @@ impl Pool {
                     created_unix: now_unix(),
                     merge: Some(Box::new(state.clone())),
                     lineage: Default::default(),
+                    protected: false,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = plan.take.clone();

@@ -339,6 +339,7 @@ impl Pool {
                     created_unix: now_unix(),
                     merge: None,
                     lineage: Default::default(),
+                    protected: false,
                 };
                 st.catalog.apply_head(&head)?;
                 st.dirty_heads.insert(head.id);
@@ -495,6 +496,7 @@ impl Pool {
                     created_unix: now_unix(),
                     merge: None,
                     lineage,
+                    protected: false,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = changed;
@@ -507,6 +509,38 @@ impl Pool {
                         from: base,
                     }],
                 ))
+            })
+            .await?;
+        self.branch(&v, &b)
+    }
+
+    /// Protects a branch (only merges change it; its exports are read-only) or lifts that.
+    /// Refused while sessions are attached to it.
+    pub async fn set_protected(
+        &self,
+        volume: &str,
+        branch: &str,
+        protected: bool,
+    ) -> Result<BranchInfo> {
+        let (volume, branch) = (volume.to_string(), branch.to_string());
+        let (v, b) = (volume.clone(), branch.clone());
+        let inner = self.inner.clone();
+        self.inner
+            .change(self.actor.clone(), move |st| {
+                inner.refuse_branch_sessions(&volume, &branch, "changing its protection")?;
+                let id = st.catalog.head_id(&volume, &branch)?;
+                let head = st.catalog.head_mut(id)?;
+                if head.record.protected == protected {
+                    return Ok((Vec::new(), Vec::new()));
+                }
+                head.record.protected = protected;
+                st.dirty_heads.insert(id);
+                let event = Event::BranchProtected {
+                    volume: volume.clone(),
+                    branch: branch.clone(),
+                    protected,
+                };
+                Ok((Vec::new(), vec![event]))
             })
             .await?;
         self.branch(&v, &b)
@@ -572,6 +606,11 @@ impl Pool {
                     return Err(Error::Conflict(format!(
                         "merges into branch {branch:?} are in progress on {}: conclude or abort them first",
                         waiting.join(", ")
+                    )));
+                }
+                if st.catalog.head(id)?.record.protected {
+                    return Err(Error::Conflict(format!(
+                        "branch {branch:?} of volume {volume:?} is protected: unprotect it before deleting it"
                     )));
                 }
                 let merge = st.catalog.head(id)?.record.merge.clone();
@@ -817,11 +856,16 @@ impl Pool {
     pub fn export_info(&self, name: &str) -> Result<ExportInfo> {
         let st = self.inner.state.lock();
         let target = st.resolve(name)?;
+        let mut read_only = target.read_only();
         let (size_bytes, description) = match &target {
-            ResolvedRef::Branch { volume, branch } => (
-                st.catalog.volume(volume)?.size_bytes,
-                format!("branch {branch} of volume {volume}"),
-            ),
+            ResolvedRef::Branch { volume, branch } => {
+                let head = st.catalog.head(st.catalog.head_id(volume, branch)?)?;
+                read_only |= head.record.protected;
+                (
+                    st.catalog.volume(volume)?.size_bytes,
+                    format!("branch {branch} of volume {volume}"),
+                )
+            }
             ResolvedRef::Tag { volume, commit, .. } | ResolvedRef::Commit { volume, commit } => {
                 match st.catalog.commit_required(commit) {
                     Ok(c) => (
@@ -837,7 +881,7 @@ impl Pool {
         };
         Ok(ExportInfo {
             name: target.canonical_name(),
-            read_only: target.read_only(),
+            read_only,
             size_bytes,
             description,
         })
@@ -866,7 +910,8 @@ impl Pool {
         let mut out = Vec::new();
         for vol in st.catalog.volumes.values() {
             let size_bytes = vol.size_bytes;
-            for branch in vol.branches.keys() {
+            for (branch, id) in &vol.branches {
+                let protected = st.catalog.heads.get(id).is_some_and(|h| h.record.protected);
                 let name = if branch == MAIN_BRANCH {
                     vol.name.clone()
                 } else {
@@ -874,7 +919,7 @@ impl Pool {
                 };
                 out.push(ExportInfo {
                     name,
-                    read_only: false,
+                    read_only: protected,
                     size_bytes,
                     description: format!("branch {branch} of volume {}", vol.name),
                 });
@@ -913,10 +958,12 @@ impl Pool {
         let target = st.resolve(export)?;
         let vol = st.catalog.volume(target.volume())?;
         let size_bytes = vol.size_bytes;
+        let mut read_only = target.read_only();
         let session_target = match &target {
             ResolvedRef::Branch { volume, branch } => {
                 let id = st.catalog.head_id(volume, branch)?;
                 let head = st.catalog.head(id)?;
+                read_only |= head.record.protected;
                 SessionTarget::Head {
                     id,
                     gate: head.gate.clone(),
@@ -963,6 +1010,7 @@ impl Pool {
         Ok(Arc::new(Session {
             pool: self.inner.clone(),
             info,
+            read_only,
             counters,
             size_bytes,
             target: session_target,
@@ -1252,6 +1300,7 @@ fn branch_info(head: &Head) -> BranchInfo {
         head_commit: head.record.base,
         uncommitted_blocks: head.changed.len(),
         created_unix: head.record.created_unix,
+        protected: head.record.protected,
     }
 }
 

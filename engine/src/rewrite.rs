@@ -45,6 +45,11 @@ impl Pool {
                 st.catalog.check_related(&volume, &target.info.volume)?;
                 let head = st.catalog.head(id)?;
                 refuse_merge_branch(head, "reset it")?;
+                if head.record.protected {
+                    return Err(Error::Conflict(format!(
+                        "branch {branch:?} of volume {volume:?} is protected: only merges change it"
+                    )));
+                }
                 let discarded = head.changed.len();
                 if discarded > 0 && !discard_uncommitted {
                     return Err(Error::Conflict(format!(
@@ -247,6 +252,7 @@ impl Pool {
                     created_unix: now_unix(),
                     merge: None,
                     lineage,
+                    protected: false,
                 };
                 st.catalog.apply_head(&record)?;
                 st.catalog.head_mut(record.id)?.changed = changed;

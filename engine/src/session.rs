@@ -160,6 +160,8 @@ pub(crate) enum SessionTarget {
 pub struct Session {
     pub(crate) pool: Arc<PoolInner>,
     pub(crate) info: SessionInfo,
+    /// A commit, a tag, or a protected branch: reads only.
+    pub(crate) read_only: bool,
     pub(crate) counters: Arc<AtomicCounters>,
     pub(crate) size_bytes: u64,
     pub(crate) target: SessionTarget,
@@ -227,7 +229,7 @@ impl Session {
     }
 
     pub fn read_only(&self) -> bool {
-        self.info.target.read_only()
+        self.read_only
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -251,6 +253,10 @@ impl Session {
 
     fn head(&self) -> Result<(u64, &tokio::sync::RwLock<()>, &RangeLock)> {
         match &self.target {
+            SessionTarget::Head { .. } if self.read_only => Err(Error::ReadOnly(format!(
+                "{} (a protected branch: only merges change it)",
+                self.info.export
+            ))),
             SessionTarget::Head { id, gate, ranges } => Ok((*id, gate, ranges)),
             SessionTarget::Commit { .. } => Err(Error::ReadOnly(self.info.export.clone())),
         }

@@ -201,6 +201,9 @@ pub struct BranchInfo {
     /// Blocks written on the head since `head_commit` (what the next commit will record).
     pub uncommitted_blocks: u64,
     pub created_unix: u64,
+    /// Only merges change it.
+    #[serde(default)]
+    pub protected: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -238,9 +238,14 @@ impl Filter {
 fn validate(request: &CreateHook) -> Result<(), ApiError> {
     match (&request.url, &request.exec) {
         (Some(url), None) => {
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+            let parsed = url::Url::parse(url).ok().filter(|parsed| {
+                matches!(parsed.scheme(), "http" | "https")
+                    && parsed.host_str().is_some_and(|h| !h.is_empty())
+                    && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+            });
+            if parsed.is_none() || url.len() > 2048 {
                 return Err(ApiError::invalid_argument(format!(
-                    "invalid hook url {url:?}: use http:// or https://"
+                    "invalid hook url {url:?}: use http://HOST[:PORT]/PATH or https://..."
                 )));
             }
         }

@@ -253,6 +253,16 @@ pub struct Branch {
     pub uncommitted_blocks: u64,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Only merges change a protected branch: its NBD exports are read-only, and resets and
+    /// deletes are refused.
+    pub protected: bool,
+}
+
+/// Body of `PUT /v1/volumes/{vol}/branches/{branch}/protection`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetProtection {
+    pub protected: bool,
 }
 
 impl From<engine::BranchInfo> for Branch {
@@ -263,6 +273,7 @@ impl From<engine::BranchInfo> for Branch {
             head_commit: info.head_commit.map(|id| id.to_hex()),
             uncommitted_blocks: info.uncommitted_blocks,
             created_unix: info.created_unix,
+            protected: info.protected,
         }
     }
 }

@@ -81,6 +81,7 @@ mod tests {
         ("delete", "/v1/volumes/{vol}/branches/{branch}"),
         ("post", "/v1/volumes/{vol}/branches/{branch}/commits"),
         ("post", "/v1/volumes/{vol}/branches/{branch}/reset"),
+        ("put", "/v1/volumes/{vol}/branches/{branch}/protection"),
         ("get", "/v1/volumes/{vol}/commits/{id}"),
         ("delete", "/v1/volumes/{vol}/commits/{id}"),
         ("get", "/v1/volumes/{vol}/log"),

@@ -27,6 +27,11 @@ pub enum BranchCommand {
     List { volume: String },
     /// Delete a branch.
     Delete { volume: String, branch: String },
+    /// Protect a branch: only merges change it (its exports turn read-only; resets and
+    /// deletes are refused).
+    Protect { volume: String, branch: String },
+    /// Lift a branch's protection.
+    Unprotect { volume: String, branch: String },
 }
 
 pub fn run(client: &Client, json: bool, command: BranchCommand) -> anyhow::Result<()> {
@@ -63,8 +68,9 @@ pub fn run(client: &Client, json: bool, command: BranchCommand) -> anyhow::Resul
                 return print_json(&text);
             }
             let branches: Vec<Branch> = decode(&text)?;
-            let mut table = Table::new(&["NAME", "HEAD", "UNCOMMITTED", "CREATED"]);
+            let mut table = Table::new(&["NAME", "HEAD", "UNCOMMITTED", "CREATED", "PROTECTED"]);
             for branch in branches {
+                let protected = if branch.protected { "yes" } else { "-" };
                 table.row(vec![
                     branch.name,
                     branch
@@ -74,6 +80,7 @@ pub fn run(client: &Client, json: bool, command: BranchCommand) -> anyhow::Resul
                         .unwrap_or_else(|| "-".into()),
                     format_size(branch.uncommitted_blocks.saturating_mul(BLOCK_SIZE)),
                     time(branch.created_unix),
+                    protected.to_string(),
                 ]);
             }
             table.print();
@@ -92,6 +99,37 @@ pub fn run(client: &Client, json: bool, command: BranchCommand) -> anyhow::Resul
             }
             println!("deleted branch {volume}@{branch}");
         }
+        BranchCommand::Protect { volume, branch } => protect(client, json, &volume, &branch, true)?,
+        BranchCommand::Unprotect { volume, branch } => {
+            protect(client, json, &volume, &branch, false)?
+        }
     }
+    Ok(())
+}
+
+fn protect(
+    client: &Client,
+    json: bool,
+    volume: &str,
+    branch: &str,
+    protected: bool,
+) -> anyhow::Result<()> {
+    validate::volume_name(volume)?;
+    validate::branch_name(branch)?;
+    let path = format!(
+        "/v1/volumes/{}/branches/{}/protection",
+        segment(volume)?,
+        segment(branch)?
+    );
+    let text = client.put(&path, &json!({ "protected": protected }))?;
+    if json {
+        return print_json(&text);
+    }
+    let state = if protected {
+        "protected"
+    } else {
+        "unprotected"
+    };
+    println!("{state} branch {volume}@{branch}");
     Ok(())
 }

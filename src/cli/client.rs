@@ -121,6 +121,14 @@ impl Client {
         )
     }
 
+    /// PUTs a JSON body to `path` and returns the answer's body.
+    pub fn put(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<String> {
+        self.finish(
+            self.with_actor(self.agent.put(&self.url(path)))
+                .send_json(body),
+        )
+    }
+
     pub fn delete(&self, path: &str) -> anyhow::Result<String> {
         self.finish(self.with_actor(self.agent.delete(&self.url(path))).call())
     }

@@ -14,7 +14,7 @@ use super::{blocking, encode_segment, location, resolve_ref};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, JsonBody};
 use crate::hooks::Hooks;
-use crate::model::{Branch, CreateBranch, ResetBranch};
+use crate::model::{Branch, CreateBranch, ResetBranch, SetProtection};
 use crate::validate;
 
 /// List the branches of a volume.
@@ -173,6 +173,40 @@ pub async fn reset_branch(
     resolve_ref(&pool, &volume, &target).await?;
     let info = pool
         .reset_branch(&volume, &branch, &target, request.discard_uncommitted)
+        .await?;
+    Ok(Json(info.into()))
+}
+
+/// Protect a branch, or lift its protection.
+///
+/// Only merges change a protected branch (and only when its blocking `pre-merge` hooks pass):
+/// its NBD exports are read-only, resets and deletes are refused. Refused while sessions are
+/// attached to it.
+#[utoipa::path(
+    put,
+    path = "/v1/volumes/{vol}/branches/{branch}/protection",
+    tag = "branches",
+    params(
+        ("vol" = String, Path, description = "Volume name"),
+        ("branch" = String, Path, description = "Branch name, with '/' sent as %2F"),
+    ),
+    request_body = SetProtection,
+    responses(
+        (status = 200, description = "The branch", body = Branch),
+        (status = 400, description = "Invalid name or body", body = ErrorBody),
+        (status = 404, description = "No such volume or branch", body = ErrorBody),
+        (status = 409, description = "Sessions are attached to the branch", body = ErrorBody),
+    )
+)]
+pub async fn set_protection(
+    Acting(pool): Acting,
+    ApiPath((volume, branch)): ApiPath<(String, String)>,
+    JsonBody(request): JsonBody<SetProtection>,
+) -> Result<Json<Branch>, ApiError> {
+    validate::volume_name(&volume)?;
+    validate::branch_name(&branch)?;
+    let info = pool
+        .set_protected(&volume, &branch, request.protected)
         .await?;
     Ok(Json(info.into()))
 }

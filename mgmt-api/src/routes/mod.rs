@@ -41,6 +41,7 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(branches::list_branches, branches::create_branch))
         .routes(routes!(branches::show_branch, branches::delete_branch))
         .routes(routes!(branches::reset_branch))
+        .routes(routes!(branches::set_protection))
         .routes(routes!(commits::create_commit))
         .routes(routes!(commits::show_commit, commits::delete_commit))
         .routes(routes!(commits::log))
