@@ -18,8 +18,6 @@ use support::{
     require_nbd_tools, run, write_pattern, CmdOut, Grove, KIB, MIB, TOOL_TIMEOUT,
 };
 
-/// How long the server may take to notice that a client tool disconnected.
-const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the first space scan, which the server starts by itself, may take to appear.
 const SPACE_SCAN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -44,23 +42,6 @@ fn nbdcopy_in(path: &Path, uri: &str) {
         TOOL_TIMEOUT,
     )
     .assert_success();
-}
-
-/// Waits until the server has closed every NBD session (a client tool that exited may still
-/// be disconnecting), so that operations refused while sessions are open can run.
-fn wait_for_no_sessions(grove: &Grove) {
-    let started = Instant::now();
-    loop {
-        let sessions = grove.cli_json(&["sessions"]);
-        if sessions.as_array().is_some_and(|s| s.is_empty()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < SESSION_CLOSE_TIMEOUT,
-            "sessions still open after {SESSION_CLOSE_TIMEOUT:?}: {sessions}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A branch as `grove branch list VOL --json` shows it.
@@ -241,7 +222,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
     // Fast-forward: main has nothing of its own since a split off.
     write_pattern(&uri("mv@a"), 0xa1, MIB, 64 * KIB);
     let a1 = grove.commit("mv@a", "a1");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let text = grove.cli_ok(&["merge", "mv", "--from", "a", "--into", "main"]);
     assert!(text.contains("fast-forwarded"), "{text}");
     assert_eq!(head_commit(&grove, "mv", "main"), a1);
@@ -255,7 +236,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
     // A clean three-way merge: b changed other blocks.
     write_pattern(&uri("mv@b"), 0xb1, 2 * MIB, 64 * KIB);
     let b1 = grove.commit("mv@b", "b1");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let report = grove.cli_json(&[
         "merge", "mv", "--from", "mv@b", "--into", "main", "-m", "take b", "--author", "bob",
     ]);
@@ -287,7 +268,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
     let before = nbdcopy_out(&uri("mv"), &dir.join("before.img"));
     assert_same_bytes(&expected, &before, "main before the conflicting merge");
 
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     // Strategy fail: non-zero exit, the conflicting range listed, nothing changed.
     let out = grove.cli_err(&["merge", "mv", "--from", "c", "--into", "main"]);
     assert!(
@@ -342,7 +323,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
         "main after refused and dry-run merges",
     );
 
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     // Strategy ours: main's block at 4 KiB stays, the rest of c comes in.
     let report = grove.cli_json(&[
         "merge",
@@ -365,7 +346,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
         "strategy ours",
     );
 
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     // Strategy theirs: c wins the conflict too.
     let text = grove.cli_ok(&[
         "merge",
@@ -395,7 +376,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
 
     // Bad input fails clearly and changes nothing.
     write_pattern(&uri("mv@try-ours"), 0xee, 5 * MIB, 4 * KIB);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let head = head_commit(&grove, "mv", "try-ours");
     let out = grove.cli_err(&["merge", "mv", "--from", "c", "--into", "try-ours"]);
     assert!(out.stderr.contains("uncommitted"), "{}", out.report());
@@ -429,7 +410,7 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
     grove.create_volume("stranger", "32MiB");
     write_pattern(&uri("stranger"), 0x77, 0, 4 * KIB);
     grove.commit("stranger", "unrelated");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let out = grove.cli_err(&["merge", "mv", "--from", "stranger@main", "--into", "main"]);
     assert!(out.stderr.contains("unrelated"), "{}", out.report());
     assert_eq!(head_commit(&grove, "mv", "main"), theirs_commit);
@@ -451,7 +432,7 @@ fn reset_rolls_a_branch_back() {
     write_pattern(&main, 0x20, MIB, 2 * MIB);
     let c2 = grove.commit("rv", "second");
     write_pattern(&main, 0x30, 8 * MIB, 64 * KIB);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
 
     // Uncommitted writes are not thrown away unless asked.
     let out = grove.cli_err(&["reset", "rv", &format!("rv@{c1}")]);
@@ -470,7 +451,7 @@ fn reset_rolls_a_branch_back() {
     let out = grove.cli_err(&["reset", "rv", &c1, "--discard-uncommitted"]);
     assert!(out.stderr.contains("session"), "{}", out.report());
     connection.disconnect();
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     assert_eq!(head_commit(&grove, "rv", "main"), c2);
 
     let text = grove.cli_ok(&["reset", "rv@main", &c1[..10], "--discard-uncommitted"]);
@@ -494,7 +475,7 @@ fn reset_rolls_a_branch_back() {
     // Forward again, on a branch with '/' in its name, by tag.
     grove.cli_ok(&["tag", "create", "rv", "v2", &c2]);
     grove.cli_ok(&["branch", "create", "rv", "release/1", "--from", &c1]);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["reset", "rv@release/1", "rv@v2"]);
     assert_eq!(head_commit(&grove, "rv", "release/1"), c2);
     assert!(same_content(
@@ -596,7 +577,7 @@ fn blame_names_the_commit_behind_each_range() {
     let f1 = grove.commit("bv@feature", "feature work");
     write_pattern(&main, 0x66, 96 * KIB, 4 * KIB);
     grove.commit("bv", "fifth");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let report = grove.cli_json(&["merge", "bv", "--from", "feature", "--into", "main"]);
     assert_eq!(report["outcome"], "merged");
     let blame = grove.cli_json(&["blame", "bv", "--offset", "80KiB", "--length", "4KiB"]);
@@ -739,7 +720,7 @@ fn space_comes_back_after_deletes() {
         space["branches"]["scratch"].as_u64().expect("scratch") >= 8 * MIB,
         "the branch holds its writes alone: {space}"
     );
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["branch", "delete", "sp", "scratch"]);
     let used2 = used_after_reclaim(&grove);
     assert!(
@@ -777,7 +758,7 @@ fn space_comes_back_after_deletes() {
     grove.cli_ok(&["branch", "create", "sp", "feature"]);
     write_pattern(&grove.unix_uri("sp@feature"), 0x70, 24 * MIB, 4 * MIB);
     let f = grove.commit("sp@feature", "feature");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let used5 = used_after_reclaim(&grove);
     grove.cli_ok(&["branch", "delete", "sp", "feature"]);
     assert_eq!(
@@ -792,7 +773,7 @@ fn space_comes_back_after_deletes() {
     // A reset that discards writes frees them.
     write_pattern(&main, 0x80, 32 * MIB, 4 * MIB);
     let used7 = used_after_reclaim(&grove);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["reset", "sp", &b, "--discard-uncommitted"]);
     let used8 = used_after_reclaim(&grove);
     assert!(used8 + 4 * MIB <= used7, "{used7} -> {used8}");
@@ -807,7 +788,7 @@ fn space_comes_back_after_deletes() {
         copy_space["exclusive_bytes"].as_u64().expect("exclusive") >= 4 * MIB,
         "{copy_space}"
     );
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["volume", "delete", "sp-copy"]);
     let used10 = used_after_reclaim(&grove);
     assert!(used10 + 4 * MIB <= used9, "{used9} -> {used10}");

@@ -32,8 +32,6 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(1500);
 /// An API call or a commit while a receiver is down or failing must take less than this.
 const PROMPT: Duration = Duration::from_secs(2);
-/// How long the server may take to notice that a client tool disconnected.
-const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------------
 // The receiver
@@ -514,21 +512,6 @@ fn head_commit(grove: &Grove, volume: &str, branch: &str) -> Option<String> {
         .cloned()
         .unwrap_or_else(|| panic!("no branch {branch} in {branches}"));
     found["head_commit"].as_str().map(str::to_string)
-}
-
-fn wait_for_no_sessions(grove: &Grove) {
-    let started = Instant::now();
-    loop {
-        let sessions = grove.cli_json(&["sessions"]);
-        if sessions.as_array().is_some_and(|s| s.is_empty()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < SESSION_CLOSE_TIMEOUT,
-            "sessions still open after {SESSION_CLOSE_TIMEOUT:?}: {sessions}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `grove commit` that must succeed promptly (hooks never hold commits back).
@@ -1599,7 +1582,7 @@ fn pre_delete_and_pre_merge_veto() {
         .all(|r| r.header("x-grove-event") == Some("pre-delete")));
 
     // Merge.
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let calls_before = receiver.received().len();
     let out = grove.cli_err(&["merge", "pd", "--from", "feature", "--into", "main"]);
     assert!(
@@ -1647,7 +1630,7 @@ fn pre_delete_and_pre_merge_veto() {
     receiver.answer(200, "ok");
     grove.cli_ok(&["branch", "delete", "pd", "scratch"]);
     assert!(!branch_names(&grove, "pd").contains(&"scratch".to_string()));
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["merge", "pd", "--from", "feature", "--into", "main"]);
     assert_eq!(
         head_commit(&grove, "pd", "main").as_deref(),

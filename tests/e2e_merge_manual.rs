@@ -9,8 +9,7 @@
 mod support;
 
 use std::process::Command;
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use support::{
@@ -18,8 +17,6 @@ use support::{
     write_pattern, Grove, HttpReply, KIB, MIB, TOOL_TIMEOUT,
 };
 
-/// How long the server may take to notice that a client tool disconnected.
-const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 const VOLUME_SIZE_BYTES: u64 = 16 * MIB;
 /// Both sides change it, differently: the conflict.
 const A: (u64, u64) = (MIB, 64 * KIB);
@@ -50,7 +47,7 @@ fn diverge(grove: &Grove) -> History {
     write_pattern(&feature, 0xa2, A.0, A.1);
     write_pattern(&feature, 0xc2, C.0, C.1);
     let theirs = grove.commit("mm@feature", "theirs");
-    wait_for_no_sessions(grove);
+    grove.wait_no_sessions();
     History { base, ours, theirs }
 }
 
@@ -73,24 +70,7 @@ fn assert_image(grove: &Grove, export: &str, expected: &[u8], context: &str) {
     let path = grove.root().join("check.img");
     let actual = nbdcopy_out(&grove.unix_uri(export), &path);
     assert_same_bytes(expected, &actual, context);
-    wait_for_no_sessions(grove);
-}
-
-/// Waits until the server has closed every NBD session: operations refused while sessions
-/// are attached can then run.
-fn wait_for_no_sessions(grove: &Grove) {
-    let started = Instant::now();
-    loop {
-        let sessions = grove.cli_json(&["sessions"]);
-        if sessions.as_array().is_some_and(|s| s.is_empty()) {
-            return;
-        }
-        assert!(
-            started.elapsed() < SESSION_CLOSE_TIMEOUT,
-            "sessions still open after {SESSION_CLOSE_TIMEOUT:?}: {sessions}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    grove.wait_no_sessions();
 }
 
 fn post(grove: &Grove, path: &str, body: Value) -> HttpReply {
@@ -239,7 +219,7 @@ fn manual_merge_resolved_with_qemu_io_and_concluded() {
     // Resolve A by hand over NBD.
     let write = format!("write -P 0xab {} {}", A.0, A.1);
     qio_write(&grove.unix_uri("mm@merge-main"), &[&write, "flush"]);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let shown = merge_state(&grove, "merge-main");
     assert_eq!(shown["edited_bytes"], A.1, "{shown}");
 
@@ -300,7 +280,7 @@ fn manual_merge_aborted_leaves_main_untouched() {
 
     // Edits on the merge branch go with it.
     write_pattern(&grove.unix_uri("mm@merge-main"), 0xee, A.0, A.1);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["merge", "mm", "--abort", "merge-main"]);
     assert_eq!(head_commit(&grove, "main"), h.ours);
     assert_image(&grove, "mm", &before, "main after the abort");
@@ -321,7 +301,7 @@ fn manual_merge_aborted_leaves_main_untouched() {
     assert_eq!(report["merge_branch"], "merge-main");
     let fresh = [(0xa1, A.0, A.1), (0xc2, C.0, C.1)];
     assert_patterns(&grove.unix_uri("mm@merge-main"), &fresh);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let reply = finish(&grove, "merge-main", "abort", json!({}));
     assert_eq!(reply.status, 204, "abort over HTTP: {reply:?}");
     assert_no_branch(&grove, "merge-main");
@@ -344,7 +324,7 @@ fn merge_in_progress_refuses_what_would_break_it() {
     write_pattern(&grove.unix_uri("mm@feature"), 0xd2, 5 * MIB, 4 * KIB);
     grove.commit("mm@feature", "later");
     grove.cli_ok(&["tag", "create", "mm", "v1", &h.base]);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
 
     // A merge branch name taken by a branch or a tag.
     for name in ["feature", "v1"] {
@@ -403,11 +383,11 @@ fn merge_in_progress_refuses_what_would_break_it() {
 
     // main moves on: first uncommitted writes, then a commit; the merge cannot conclude.
     write_pattern(&grove.unix_uri("mm"), 0x77, 8 * MIB, 4 * KIB);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let reply = finish(&grove, "merge-main", "conclude", json!({}));
     assert_conflict(reply, "conclude after writes on main");
     let moved = grove.commit("mm", "moved on");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let reply = finish(&grove, "merge-main", "conclude", json!({}));
     assert_conflict(reply, "conclude after a commit on main");
     let shown = merge_state(&grove, "merge-main");
@@ -424,7 +404,7 @@ fn merge_in_progress_refuses_what_would_break_it() {
     assert_eq!(report["ours_commit"], moved.as_str(), "{report}");
     assert_eq!(ranges(&report["conflicts"]), [A], "{report}");
     write_pattern(&grove.unix_uri("mm@merge-main"), 0xab, A.0, A.1);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     for export in ["mm@merge-main", "mm"] {
         let (connection, _) = nbd::open(grove.nbd_port, export);
         let reply = finish(&grove, "merge-main", "conclude", json!({}));
@@ -432,7 +412,7 @@ fn merge_in_progress_refuses_what_would_break_it() {
         grove.wait_session_closed(&connection.hang_up());
         merge_state(&grove, "merge-main");
     }
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let reply = finish(&grove, "merge-main", "conclude", json!({}));
     let commit = ok_json(reply, 201, "conclude");
     assert_eq!(commit["parents"], json!([moved, h.theirs]), "{commit}");
@@ -455,7 +435,7 @@ fn manual_merge_without_conflicts_and_dry_runs() {
     let ours = grove.commit("mm", "ours");
     write_pattern(&grove.unix_uri("mm@feature"), 0xc2, C.0, C.1);
     let theirs = grove.commit("mm@feature", "theirs");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
 
     // No conflicts: the merge commit is made directly, no merge branch.
     let report = grove.cli_json(&words(
@@ -479,7 +459,7 @@ fn manual_merge_without_conflicts_and_dry_runs() {
     // Fast-forward and up to date, as with the other strategies.
     write_pattern(&grove.unix_uri("mm@ff"), 0xf1, 6 * MIB, 4 * KIB);
     let ff = grove.commit("mm@ff", "ff");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     grove.cli_ok(&["merge", "mm", "--from", "main", "--into", "ff"]);
     let head = head_commit(&grove, "ff");
     assert_ne!(head, ff);
@@ -495,7 +475,7 @@ fn manual_merge_without_conflicts_and_dry_runs() {
     let main_head = grove.commit("mm", "ours on A");
     write_pattern(&grove.unix_uri("mm@other"), 0xa2, A.0, A.1);
     grove.commit("mm@other", "theirs on A");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     for extra in [json!({}), json!({"merge_branch": "fix/a"})] {
         let mut extra = extra;
         extra["dry_run"] = json!(true);
@@ -517,7 +497,7 @@ fn manual_merge_without_conflicts_and_dry_runs() {
     assert_eq!(merge_state(&grove, "fix%2Fa")["merge_branch"], "fix/a");
     let ours_on_a = [(0xa1, A.0, A.1), (0xb1, B.0, B.1)];
     assert_patterns(&grove.unix_uri("mm@fix/a"), &ours_on_a);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let reply = finish(&grove, "fix%2Fa", "abort", json!({}));
     assert_eq!(reply.status, 204, "abort: {reply:?}");
     assert_no_branch(&grove, "fix%2Fa");
@@ -540,7 +520,7 @@ fn merge_in_progress_survives_restarts() {
         &grove.unix_uri("mm@resolution"),
         &[&resolve, &edit, "flush"],
     );
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
     let before = merge_state(&grove, "resolution");
     assert_eq!(before["edited_bytes"], A.1 + 4 * KIB, "{before}");
     let expected = image(&[(0xab, A), (0xb1, B), (0xcd, (B.0, 4 * KIB)), (0xc2, C)]);

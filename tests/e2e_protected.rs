@@ -4,27 +4,8 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use serde_json::Value;
 use support::{assert_patterns, qemu_io, require_nbd_tools, write_pattern, Grove, MIB};
-
-/// Waits until no session is open: a client tool may exit before the server has closed its
-/// connection, and protection changes are refused while sessions are attached.
-fn wait_for_no_sessions(grove: &Grove) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let sessions = grove.http("GET", "/v1/sessions", None).json();
-        if sessions.as_array().is_some_and(|s| s.is_empty()) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sessions stayed open: {sessions}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn branch(grove: &Grove, name: &str) -> Value {
     let reply = grove.http("GET", &format!("/v1/volumes/p/branches/{name}"), None);
@@ -42,7 +23,7 @@ fn only_merges_change_a_protected_branch() {
     grove.cli_ok(&["branch", "create", "p", "dev"]);
     write_pattern(&grove.unix_uri("p@dev"), 0x22, MIB, MIB);
     grove.commit("p@dev", "on dev");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
 
     let out = grove.cli_ok(&["branch", "protect", "p", "main"]);
     assert!(out.contains("protected"), "{out}");
@@ -70,7 +51,7 @@ fn only_merges_change_a_protected_branch() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(main["is_read_only"], true, "nbdinfo --list: {listed}");
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
 
     // Resets and deletes are refused.
     let reset = grove.http(
@@ -91,7 +72,7 @@ fn only_merges_change_a_protected_branch() {
     let merged = grove.cli_ok(&["merge", "p", "--from", "dev", "--into", "main"]);
     assert!(merged.contains("fast-forward"), "{merged}");
     assert_patterns(&grove.unix_uri("p"), &[(0x11, 0, MIB), (0x22, MIB, MIB)]);
-    wait_for_no_sessions(&grove);
+    grove.wait_no_sessions();
 
     // Protection survives a restart, and lifting it restores writes.
     let mut grove = grove;

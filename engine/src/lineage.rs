@@ -112,10 +112,15 @@ impl State {
     /// read. The head starts afresh.
     pub(crate) fn take_lineage(&mut self, head_id: u64, named: Vec<Source>) -> Result<Lineage> {
         let head = self.catalog.head_mut(head_id)?;
+        let parent = head.record.base;
         let HeadLineage { writers, jobs } = std::mem::take(&mut head.record.lineage);
         let mut sources = named;
         for job in &jobs {
             for (commit, (volume, bytes)) in self.jobs.get(job).into_iter().flatten() {
+                // A job reading the branch it writes read its parent: that edge is there.
+                if Some(*commit) == parent {
+                    continue;
+                }
                 sources.push(Source {
                     commit: *commit,
                     volume: volume.clone(),
@@ -209,6 +214,11 @@ impl Pool {
                     Direction::Upstream => edge.from,
                     Direction::Downstream => edge.commit,
                 };
+                // A source deleted since (squashed, or its volume gone) is history no longer
+                // walkable: the commit keeps naming it, the graph leaves it out.
+                if st.catalog.commit_required(&other).is_err() {
+                    continue;
+                }
                 if level >= depth || graph.commits.len() + queue.len() >= LINEAGE_COMMITS_MAX {
                     if !seen.contains_key(&other) {
                         graph.truncated = true;

@@ -133,6 +133,8 @@ impl Pool {
                         replaced_blobs.push(child.bitmap);
                         child.bitmap = write_bitmap(st, &changed)?;
                         child.info.changed_blocks = changed.len();
+                        // Its data now includes the squashed commit's: so does its lineage.
+                        child.info.lineage.absorb(&commit.info.lineage);
                     }
                     let mut parents: Vec<CommitId> = Vec::new();
                     for p in &child.info.parents {

@@ -239,6 +239,19 @@ impl Lineage {
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty() && self.sources.is_empty()
     }
+
+    /// Takes in the lineage of a commit squashed into this one: its writers come first (they
+    /// wrote earlier), its sources join these (each once).
+    pub fn absorb(&mut self, earlier: &Lineage) {
+        let mut sessions = earlier.sessions.clone();
+        sessions.append(&mut self.sessions);
+        self.sessions = sessions;
+        for source in &earlier.sources {
+            if !self.sources.contains(source) {
+                self.sources.push(source.clone());
+            }
+        }
+    }
 }
 
 /// A session that wrote to a branch head.

@@ -549,6 +549,25 @@ impl Grove {
         http(method, &format!("{}{path}", self.api()), body)
     }
 
+    /// Waits until the server has closed every session (a client tool that exited may still
+    /// be disconnecting), so that operations refused while sessions are open can run.
+    pub fn wait_no_sessions(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = self.http("GET", "/v1/sessions", None);
+            assert_eq!(reply.status, 200, "GET /v1/sessions: {reply:?}");
+            if reply.json().as_array().is_some_and(|s| s.is_empty()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sessions still open after 30 s: {}",
+                reply.body
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the server has closed the session of the client at `address`. A client
     /// that hangs up with requests in flight does not wait for the server to finish them; a
     /// test that then writes the same blocks over another connection must wait for this.
