@@ -29,6 +29,8 @@ struct Span {
 #[derive(Debug)]
 pub(crate) struct EventIndex {
     spans: Vec<Span>,
+    /// The newest event logged, whether or not retention still serves it.
+    last: u64,
     /// Events older than this are no longer served.
     retention: Option<Duration>,
 }
@@ -52,7 +54,8 @@ pub struct EventPage {
     /// Resume after this sequence number for the next page: the last event looked at, which
     /// with filters may be past the last one returned.
     pub next_since: u64,
-    /// The oldest event the log still serves (0: none yet); older ones fell out of retention.
+    /// The oldest event the log still serves, or the next one when it serves none (0: none
+    /// logged yet); older ones fell out of retention.
     pub first_seq: u64,
     /// The newest event logged so far (0: none yet).
     pub last_seq: u64,
@@ -69,6 +72,7 @@ impl EventIndex {
     pub(crate) fn new(retention: Option<Duration>) -> Self {
         EventIndex {
             spans: Vec::new(),
+            last: 0,
             retention,
         }
     }
@@ -83,6 +87,7 @@ impl EventIndex {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return;
         };
+        self.last = last.seq;
         self.spans.push(Span {
             first: first.seq,
             last: last.seq,
@@ -106,7 +111,7 @@ impl EventIndex {
     }
 
     fn last_seq(&self) -> u64 {
-        self.spans.last().map_or(0, |s| s.last)
+        self.last
     }
 }
 
@@ -146,7 +151,11 @@ impl Pool {
             let horizon = index
                 .retention
                 .map(|r| (crate::types::now_unix_ms()).saturating_sub(r.as_millis() as u64));
-            let first_seq = index.spans.first().map_or(0, |s| s.first);
+            // With every record out of retention, the next event is the first served.
+            let first_seq = index
+                .spans
+                .first()
+                .map_or(index.last + u64::from(index.last > 0), |s| s.first);
             (
                 index.spans[from..].to_vec(),
                 horizon,

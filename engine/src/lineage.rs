@@ -20,6 +20,10 @@ use crate::types::*;
 /// What a job read: per commit, its volume and the bytes read.
 pub(crate) type JobReads = BTreeMap<CommitId, (String, u64)>;
 
+/// Jobs whose reads are remembered at most; beyond, those no head holds writes of go first,
+/// least recently read first.
+const JOBS_MAX: usize = 4096;
+
 /// Which way a lineage query walks.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -98,13 +102,36 @@ impl State {
                 .and_then(|h| h.record.base),
         };
         if let Some(commit) = commit {
-            let entry = self
-                .jobs
-                .entry(job.to_string())
-                .or_default()
+            self.job_clock += 1;
+            let clock = self.job_clock;
+            let (reads, used) = self.jobs.entry(job.to_string()).or_default();
+            *used = clock;
+            let entry = reads
                 .entry(commit)
                 .or_insert_with(|| (target.volume().to_string(), 0));
             entry.1 += bytes;
+            if self.jobs.len() > JOBS_MAX {
+                self.forget_a_job();
+            }
+        }
+    }
+
+    /// Forgets the least recently read job that no head holds writes of.
+    fn forget_a_job(&mut self) {
+        let writing: Vec<&String> = self
+            .catalog
+            .heads
+            .values()
+            .flat_map(|h| h.record.lineage.jobs.iter())
+            .collect();
+        let oldest = self
+            .jobs
+            .iter()
+            .filter(|(job, _)| !writing.contains(job))
+            .min_by_key(|(_, (_, used))| *used)
+            .map(|(job, _)| job.clone());
+        if let Some(job) = oldest {
+            self.jobs.remove(&job);
         }
     }
 
@@ -114,11 +141,22 @@ impl State {
         let head = self.catalog.head_mut(head_id)?;
         let parent = head.record.base;
         let HeadLineage { writers, jobs } = std::mem::take(&mut head.record.lineage);
+        // What the parent already records of a job's reads is not repeated.
+        let recorded: Vec<Source> = parent
+            .and_then(|p| self.catalog.commit_required(&p).ok())
+            .map(|c| c.info.lineage.sources.clone())
+            .unwrap_or_default();
         let mut sources = named;
         for job in &jobs {
-            for (commit, (volume, bytes)) in self.jobs.get(job).into_iter().flatten() {
+            for (commit, (volume, bytes)) in self.jobs.get(job).into_iter().flat_map(|(r, _)| r) {
                 // A job reading the branch it writes read its parent: that edge is there.
                 if Some(*commit) == parent {
+                    continue;
+                }
+                let known = recorded.iter().any(|s| {
+                    s.commit == *commit && s.job.as_ref() == Some(job) && s.bytes_read >= *bytes
+                });
+                if known {
                     continue;
                 }
                 sources.push(Source {

@@ -57,6 +57,10 @@ pub struct MergeRequest {
     /// Strategy `manual`: the merge branch's name (default `merge-INTO`).
     #[serde(default)]
     pub merge_branch: Option<String>,
+    /// Refuse unless the merged ref still resolves to this commit, and the branch's latest
+    /// commit is still this one: what a check (a pre-merge hook) looked at is what merges.
+    #[serde(default)]
+    pub expect: Option<(CommitId, Option<CommitId>)>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -189,6 +193,14 @@ impl Pool {
                     "branch {into:?} has {} uncommitted blocks: commit or reset them before merging",
                     head.changed.len()
                 )));
+            }
+            if let Some((expected_theirs, expected_ours)) = request.expect {
+                if expected_theirs != theirs || expected_ours != head.record.base {
+                    return Err(Error::Conflict(format!(
+                        "{} or branch {into:?} moved on since the merge was checked; try again",
+                        request.from
+                    )));
+                }
             }
             (id, head.record.base)
         };

@@ -75,14 +75,34 @@ pub(crate) struct State {
     /// with their actors: logged by the next one.
     pub pending_events: Vec<(Event, Option<Arc<str>>)>,
     /// Commits being checked before they are made: id -> (volume, head).
-    pub candidates: HashMap<CommitId, (String, u64)>,
-    /// What each job's sessions read (lineage).
-    pub jobs: HashMap<String, crate::lineage::JobReads>,
+    pub candidates: HashMap<CommitId, Pending>,
+    /// What each job's sessions read (lineage), with when it last read (`job_clock`).
+    pub jobs: HashMap<String, (crate::lineage::JobReads, u64)>,
+    pub job_clock: u64,
     /// Sessions of earlier runs were numbered below this (ids stay unique in lineage).
     pub first_session_id: u64,
 }
 
+/// A commit being checked (`Pool::prepare_commit`).
+pub(crate) struct Pending {
+    pub volume: String,
+    pub head_id: u64,
+    /// Set when the candidate is dropped without being committed: sessions opened on it stop
+    /// reading (the head it showed moves on).
+    pub withdrawn: Arc<AtomicBool>,
+}
+
 impl State {
+    /// Refuses to drop or rewrite a head while a commit of it is being checked.
+    pub(crate) fn refuse_pending(&self, head_id: u64, what: &str) -> Result<()> {
+        if self.candidates.values().any(|p| p.head_id == head_id) {
+            return Err(Error::Conflict(format!(
+                "a pre-commit check of this branch is in progress; {what} after it"
+            )));
+        }
+        Ok(())
+    }
+
     /// Resolves a ref string or export name (a `?job=ID` suffix is ignored), candidates of
     /// commits being checked included.
     pub fn resolve(&self, spec: &str) -> Result<ResolvedRef> {
@@ -91,9 +111,9 @@ impl State {
             Err(err @ Error::NotFound { .. }) => {
                 let candidate = spec.split_once('@').and_then(|(volume, name)| {
                     let id = CommitId::try_from(name.to_string()).ok()?;
-                    let (v, _) = self.candidates.get(&id)?;
-                    (v == volume).then(|| ResolvedRef::Commit {
-                        volume: v.clone(),
+                    let pending = self.candidates.get(&id)?;
+                    (pending.volume == volume).then(|| ResolvedRef::Commit {
+                        volume: pending.volume.clone(),
                         commit: id,
                     })
                 });
@@ -379,6 +399,10 @@ impl Pool {
                         vol.sessions
                     )));
                 }
+                for id in vol.branches.values() {
+                    st.refuse_pending(*id, "delete the volume")?;
+                    refuse_protected(st.catalog.head(*id)?, "delete its volume")?;
+                }
                 // Clones share its blocks; clones, merges and resets across volumes link
                 // other volumes' history to its commits.
                 let ours = |id: &CommitId| vol.commits.contains_key(id);
@@ -533,6 +557,12 @@ impl Pool {
                 if head.record.protected == protected {
                     return Ok((Vec::new(), Vec::new()));
                 }
+                if protected && !head.changed.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "branch {branch:?} of volume {volume:?} has {} uncommitted blocks: commit them (or reset) before protecting it",
+                        head.changed.len()
+                    )));
+                }
                 head.record.protected = protected;
                 st.dirty_heads.insert(id);
                 let event = Event::BranchProtected {
@@ -608,11 +638,8 @@ impl Pool {
                         waiting.join(", ")
                     )));
                 }
-                if st.catalog.head(id)?.record.protected {
-                    return Err(Error::Conflict(format!(
-                        "branch {branch:?} of volume {volume:?} is protected: unprotect it before deleting it"
-                    )));
-                }
+                refuse_protected(st.catalog.head(id)?, "delete it")?;
+                st.refuse_pending(id, "delete the branch")?;
                 let merge = st.catalog.head(id)?.record.merge.clone();
                 if merge.is_none() && merge_only {
                     return Err(Error::not_found(format!(
@@ -667,15 +694,33 @@ impl Pool {
     /// check): writes to the branch wait until the candidate is committed or dropped, and
     /// meanwhile it reads as the read-only export `VOL@ID` under the id it will have.
     pub async fn prepare_commit(&self, volume: &str, branch: &str) -> Result<Candidate> {
+        {
+            // A check in progress holds the gate for as long as its hooks take: a second
+            // commit (a hook calling back) is refused rather than left waiting on it.
+            let st = self.inner.state.lock();
+            st.refuse_pending(st.catalog.head_id(volume, branch)?, "commit")?;
+        }
         // Waits for in-flight writes on the head; new ones wait for the commit.
         let (head_id, gate) = self.gate_head(volume, branch).await?;
         let id = CommitId::random();
         let mut st = self.inner.state.lock();
+        st.refuse_pending(head_id, "commit")?;
         let head = st.catalog.head(head_id)?;
         refuse_merge_branch(head, "commit on it")?;
+        refuse_protected(head, "commit on it")?;
         let (parent, changed) = (head.record.base, head.changed.clone());
-        st.candidates.insert(id, (volume.to_string(), head_id));
+        let withdrawn = Arc::new(AtomicBool::new(false));
+        st.candidates.insert(
+            id,
+            Pending {
+                volume: volume.to_string(),
+                head_id,
+                withdrawn: withdrawn.clone(),
+            },
+        );
         Ok(Candidate {
+            withdrawn,
+            committed: false,
             pool: self.clone(),
             volume: volume.to_string(),
             branch: branch.to_string(),
@@ -959,6 +1004,7 @@ impl Pool {
         let vol = st.catalog.volume(target.volume())?;
         let size_bytes = vol.size_bytes;
         let mut read_only = target.read_only();
+        let mut withdrawn = None;
         let session_target = match &target {
             ResolvedRef::Branch { volume, branch } => {
                 let id = st.catalog.head_id(volume, branch)?;
@@ -971,12 +1017,18 @@ impl Pool {
                 }
             }
             ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
-                let root = match st.candidates.get(commit) {
+                match st.candidates.get(commit) {
                     // Held still by its gate while it is checked.
-                    Some((_, head_id)) => st.catalog.head(*head_id)?.record.root,
-                    None => st.catalog.commit_required(commit)?.root,
-                };
-                SessionTarget::Commit { root }
+                    Some(pending) => {
+                        withdrawn = Some(pending.withdrawn.clone());
+                        SessionTarget::Commit {
+                            root: st.catalog.head(pending.head_id)?.record.root,
+                        }
+                    }
+                    None => SessionTarget::Commit {
+                        root: st.catalog.commit_required(commit)?.root,
+                    },
+                }
             }
         };
         st.catalog.volume_mut(target.volume())?.sessions += 1;
@@ -1011,6 +1063,7 @@ impl Pool {
             pool: self.inner.clone(),
             info,
             read_only,
+            withdrawn,
             counters,
             size_bytes,
             target: session_target,
@@ -1571,6 +1624,7 @@ fn recover(
             pending_events: Vec::new(),
             candidates: HashMap::new(),
             jobs: HashMap::new(),
+            job_clock: 0,
             first_session_id,
         },
         event_index,
@@ -1624,6 +1678,7 @@ fn create(
         pending_events: Vec::new(),
         candidates: HashMap::new(),
         jobs: HashMap::new(),
+        job_clock: 0,
         first_session_id: 1,
     })
 }
@@ -1648,6 +1703,8 @@ pub struct Candidate {
     pub changed: RoaringTreemap,
     head_id: u64,
     gate: Option<OwnedRwLockWriteGuard<()>>,
+    withdrawn: Arc<AtomicBool>,
+    committed: bool,
 }
 
 impl Candidate {
@@ -1679,6 +1736,7 @@ impl Candidate {
                 let gen = st.meta.gen;
                 let head = st.catalog.head(head_id)?;
                 refuse_merge_branch(head, "commit on it")?;
+                refuse_protected(head, "commit on it")?;
                 let mut bitmap = Vec::new();
                 head.changed
                     .serialize_into(&mut bitmap)
@@ -1723,12 +1781,27 @@ impl Candidate {
                 Ok((vec![op], vec![event]))
             })
             .await?;
+        self.committed = true;
         pool.commit_info(&self.volume, &id.to_hex())
     }
 }
 
 impl Drop for Candidate {
     fn drop(&mut self) {
+        if !self.committed {
+            self.withdrawn.store(true, Ordering::Release);
+        }
         self.pool.inner.state.lock().candidates.remove(&self.commit);
     }
+}
+
+/// Refuses what would change a protected branch other than a merge.
+pub(crate) fn refuse_protected(head: &Head, action: &str) -> Result<()> {
+    if head.record.protected {
+        return Err(Error::Conflict(format!(
+            "branch {:?} of volume {:?} is protected: only merges change it; unprotect it to {action}",
+            head.record.branch, head.record.volume
+        )));
+    }
+    Ok(())
 }

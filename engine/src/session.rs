@@ -162,6 +162,8 @@ pub struct Session {
     pub(crate) info: SessionInfo,
     /// A commit, a tag, or a protected branch: reads only.
     pub(crate) read_only: bool,
+    /// On a candidate commit being checked: set once it is withdrawn.
+    pub(crate) withdrawn: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub(crate) counters: Arc<AtomicCounters>,
     pub(crate) size_bytes: u64,
     pub(crate) target: SessionTarget,
@@ -265,6 +267,17 @@ impl Session {
     fn root(&self, st: &crate::pool::State) -> Result<u64> {
         match &self.target {
             SessionTarget::Head { id, .. } => Ok(st.catalog.head(*id)?.record.root),
+            SessionTarget::Commit { .. }
+                if self
+                    .withdrawn
+                    .as_ref()
+                    .is_some_and(|w| w.load(Ordering::Acquire)) =>
+            {
+                Err(Error::Conflict(format!(
+                    "{} was a candidate commit, withdrawn when its check refused it",
+                    self.info.export
+                )))
+            }
             SessionTarget::Commit { root } => Ok(*root),
         }
     }

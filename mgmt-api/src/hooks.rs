@@ -221,6 +221,18 @@ impl Filter {
                 .is_none_or(|g| branch.is_some_and(|b| g.is_match(b)))
     }
 
+    /// Whether a blocking hook is asked about an operation; one on a whole volume (no
+    /// branch) passes any branch glob.
+    fn matches_operation(&self, kind: &str, volume: &str, branch: Option<&str>) -> bool {
+        match branch {
+            Some(branch) => self.matches(kind, Some(volume), Some(branch)),
+            None => {
+                self.types.iter().any(|t| t == kind)
+                    && self.volume.as_ref().is_none_or(|g| g.is_match(volume))
+            }
+        }
+    }
+
     fn takes(&self, event: &EngineEvent) -> bool {
         self.matches(event.type_name(), event.volume(), event.ref_name())
     }
@@ -408,17 +420,23 @@ impl Hooks {
     }
 
     pub async fn delete(&self, pool: &Pool, id: &str) -> Result<(), ApiError> {
-        self.get(id)?;
+        // The worker stops first, so that nothing it does (saving progress, logging a
+        // failure) outlives the hook.
+        let running = self
+            .inner
+            .running
+            .lock()
+            .remove(id)
+            .ok_or_else(|| ApiError::not_found(format!("hook {id:?} not found")))?;
+        if let Some(task) = running.task {
+            task.abort();
+            let _ = task.await;
+        }
         let event = EngineEvent::HookDeleted {
             hook: id.to_string(),
         };
         pool.delete_record(HOOK_RECORD, id, vec![event]).await?;
         pool.delete_record(PROGRESS_RECORD, id, Vec::new()).await?;
-        if let Some(running) = self.inner.running.lock().remove(id) {
-            if let Some(task) = running.task {
-                task.abort();
-            }
-        }
         Ok(())
     }
 
@@ -466,7 +484,7 @@ impl Hooks {
         let running = self.inner.running.lock();
         running
             .values()
-            .any(|r| r.filter.matches(kind, Some(volume), branch))
+            .any(|r| r.filter.matches_operation(kind, volume, branch))
     }
 
     /// Calls the blocking hooks of `kind` (`pre-commit`, ...) that match `volume` and
@@ -480,9 +498,11 @@ impl Hooks {
     ) -> Result<(), ApiError> {
         let hooks: Vec<Arc<HookConfig>> = {
             let running = self.inner.running.lock();
+            // An operation on a whole volume (branch None) concerns every branch: a hook
+            // watching some branches is asked too.
             let mut hooks: Vec<Arc<HookConfig>> = running
                 .values()
-                .filter(|r| r.filter.matches(kind, Some(volume), branch))
+                .filter(|r| r.filter.matches_operation(kind, volume, branch))
                 .map(|r| r.config.clone())
                 .collect();
             hooks.sort_by_key(|h| (h.created_unix, h.id.clone()));
@@ -571,6 +591,24 @@ impl Worker {
                 }
                 Err(_) => return,
             };
+            if page.first_seq > since + 1 {
+                // Out of retention before this hook could take them: say so once.
+                let lost = EngineEvent::HookFailed {
+                    hook: self.config.id.clone(),
+                    event_seq: since + 1,
+                    attempts: 0,
+                    error: format!(
+                        "events {} to {} fell out of the event log's retention before delivery",
+                        since + 1,
+                        page.first_seq - 1
+                    ),
+                };
+                tracing::warn!(hook = %self.config.id, from = since + 1, to = page.first_seq - 1, "events lost to retention before delivery");
+                if let Err(error) = self.pool.log_event(lost).await {
+                    tracing::warn!(hook = %self.config.id, %error, "cannot log hook.failed");
+                }
+                since = page.first_seq - 1;
+            }
             for event in &page.events {
                 if self.filter.takes(&event.event) {
                     self.deliver_until_taken(event).await;

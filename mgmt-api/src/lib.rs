@@ -34,6 +34,26 @@ pub use crate::openapi::openapi;
 
 /// The API's router over `pool`.
 pub fn router(pool: Pool) -> Router {
+    // Never fires (the router keeps the sender): streams end when their clients go.
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    router_with(
+        pool,
+        Stopping {
+            receiver: stopping,
+            _sender: Some(std::sync::Arc::new(stop)),
+        },
+    )
+}
+
+/// Set when the server stops: long-lived answers (event streams) end then.
+#[derive(Clone)]
+pub struct Stopping {
+    pub receiver: tokio::sync::watch::Receiver<bool>,
+    /// Keeps a signal that never fires open (a closed one would end streams at once).
+    _sender: Option<std::sync::Arc<tokio::sync::watch::Sender<bool>>>,
+}
+
+fn router_with(pool: Pool, stopping: Stopping) -> Router {
     let (router, _) = routes::api_router().split_for_parts();
     // Starts the hooks' delivery tasks (on the current runtime, if any).
     let hooks = hooks::Hooks::start(pool.clone());
@@ -41,6 +61,7 @@ pub fn router(pool: Pool) -> Router {
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::Extension(hooks))
+        .layer(axum::Extension(stopping))
         .layer(middleware::from_fn(log_request))
         .with_state(pool)
 }
@@ -57,7 +78,18 @@ pub async fn serve_with_shutdown(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(pool).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopping = Stopping {
+        receiver: stopping,
+        _sender: None,
+    };
+    let app =
+        router_with(pool, stopping).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let shutdown = async move {
+        shutdown.await;
+        // Event streams end, so that draining does not wait on them.
+        let _ = stop.send(true);
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -240,6 +240,7 @@ pub fn merge_request(volume: &str, request: CreateMerge) -> Result<MergeRequest,
         message,
         author,
         merge_branch,
+        expect: None,
     })
 }
 

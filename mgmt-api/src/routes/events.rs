@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::stream::{self, Stream};
 use grove_engine::{EventQuery, LoggedEvent, Pool, EVENT_TYPES};
 use tokio::sync::broadcast;
@@ -19,6 +19,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::ApiQuery;
 use crate::model::{Event, EventPage, EventsQuery};
 use crate::validate;
+use crate::Stopping;
 
 /// Events returned by one `GET /v1/events` by default, and at most.
 const EVENTS_LIMIT_DEFAULT: usize = 1000;
@@ -117,11 +118,14 @@ pub async fn list_events(
     ),
     responses(
         (status = 200, description = "A text/event-stream of events", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Invalid query or Last-Event-ID", body = ErrorBody),
+        (status = 400, description = "Invalid query, or a Last-Event-ID or since past the newest event", body = ErrorBody),
     )
 )]
 pub async fn stream_events(
     State(pool): State<Pool>,
+    Extension(Stopping {
+        receiver: stopping, ..
+    }): Extension<Stopping>,
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
@@ -138,12 +142,19 @@ pub async fn stream_events(
         None => None,
     };
     let explicit = resume.or(query.since);
+    let last = pool.last_event_seq();
+    if let Some(after) = explicit.filter(|&after| after > last) {
+        return Err(ApiError::invalid_argument(format!(
+            "event {after} does not exist yet: the newest is {last}"
+        )));
+    }
     let mut query = engine_query(query, true)?;
     // Subscribed before the log is read: nothing logged in between is missed.
     let live = pool.subscribe();
     query.since = explicit.unwrap_or_else(|| pool.last_event_seq());
     let follower = Follower {
         pool,
+        stopping,
         live,
         query,
         backlog: VecDeque::new(),
@@ -165,6 +176,7 @@ pub async fn stream_events(
 /// whenever the live feed skips (the subscriber lagged).
 struct Follower {
     pool: Pool,
+    stopping: tokio::sync::watch::Receiver<bool>,
     live: broadcast::Receiver<Arc<LoggedEvent>>,
     /// `since`: every event up to it was sent or filtered out.
     query: EventQuery,
@@ -189,7 +201,12 @@ impl Follower {
                 self.backlog.extend(page.events);
                 continue;
             }
-            match self.live.recv().await {
+            let received = tokio::select! {
+                received = self.live.recv() => received,
+                // The server stops: the stream ends (the client resumes elsewhere or later).
+                _ = self.stopping.wait_for(|stopping| *stopping) => return None,
+            };
+            match received {
                 Ok(event) if event.seq <= self.query.since => continue,
                 Ok(event) if event.seq == self.query.since + 1 => {
                     self.query.since = event.seq;

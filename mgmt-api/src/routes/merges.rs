@@ -53,7 +53,7 @@ pub async fn merge(
     JsonBody(request): JsonBody<CreateMerge>,
 ) -> Result<Json<MergeReport>, ApiError> {
     validate::volume_name(&volume)?;
-    let request = validate::merge_request(&volume, request)?;
+    let mut request = validate::merge_request(&volume, request)?;
     resolve_ref(&pool, &volume, &request.from).await?;
     if !request.dry_run && hooks.has_blocking("pre-merge", &volume, Some(&request.into)) {
         // The hooks see what the merge would do.
@@ -61,7 +61,10 @@ pub async fn merge(
             dry_run: true,
             ..request.clone()
         };
-        let preview = MergeReport::from(pool.merge(&volume, preview).await?);
+        let preview = pool.merge(&volume, preview).await?;
+        // What merges is what the hooks saw, or nothing.
+        request.expect = Some((preview.from_commit, preview.ours_commit));
+        let preview = MergeReport::from(preview);
         let payload = serde_json::json!({
             "volume": volume,
             "into": request.into,
