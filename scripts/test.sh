@@ -30,6 +30,8 @@ REQUIRED_TOOLS=(
   "nbdcopy:libnbd-bin"
   "nbdkit:nbdkit"
   "fio:fio"
+  "promtool:prometheus"
+  "curl:curl"
   "cc:build-essential"
 )
 

@@ -14,6 +14,7 @@ pub mod events;
 pub mod history;
 pub mod lineage;
 pub mod merge;
+pub mod metrics;
 pub mod pool;
 pub mod reclaim;
 pub mod records;

@@ -202,6 +202,8 @@ pub(crate) struct PoolInner {
     pub(crate) event_index: Mutex<EventIndex>,
     /// Wakes the event logger.
     pub(crate) log_wanted: Arc<tokio::sync::Notify>,
+    /// I/O and sync-point measurements.
+    pub(crate) metrics: crate::metrics::IoMetrics,
 }
 
 /// A handle on an open pool; clones share it.
@@ -269,6 +271,7 @@ impl Pool {
             space: Mutex::new(None),
             event_index: Mutex::new(event_index),
             log_wanted: Default::default(),
+            metrics: Default::default(),
         };
         Ok(Pool {
             inner: Arc::new(inner),
@@ -1059,8 +1062,13 @@ impl Pool {
         st.pending_events.push((event, Some(info.client.actor())));
         drop(st);
         self.inner.log_soon();
+        let io = self
+            .inner
+            .metrics
+            .export(&info.client.protocol, &info.target.canonical_name());
         Ok(Arc::new(Session {
             pool: self.inner.clone(),
+            io,
             info,
             read_only,
             withdrawn,
@@ -1235,8 +1243,10 @@ impl PoolInner {
         // write acknowledged before this sync completed its data write: one data sync now covers
         // both. It must come after the snapshot, or a block mapped in between would be recorded
         // without its data.
+        let syncing = std::time::Instant::now();
         io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
         let Some((record, gen, journal_at, events)) = snapshot else {
+            self.metrics.sync_latency.observe(syncing.elapsed());
             // Nothing new to record: the durable state is the last record's.
             let durable = self.state.lock().meta.gen - 1;
             self.release_freed(durable);
@@ -1249,6 +1259,7 @@ impl PoolInner {
             })
             .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Journal));
         durable.map_err(|e| self.fail(e))?;
+        self.metrics.sync_latency.observe(syncing.elapsed());
         self.release_freed(gen);
         if !events.is_empty() {
             // Still under the sync lock: the index and subscribers see events in order.

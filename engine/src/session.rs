@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
 use crate::io::{self, FileKind, IoDone, IoOp, Piece};
 use crate::meta::Target;
+use crate::metrics::RequestOp;
 use crate::pool::PoolInner;
 use crate::range_lock::RangeLock;
 use crate::types::{ResolvedRef, BLOCK_SIZE};
@@ -159,6 +161,8 @@ pub(crate) enum SessionTarget {
 /// after the block was freed and reused.
 pub struct Session {
     pub(crate) pool: Arc<PoolInner>,
+    /// Where this session's requests are counted (per export and protocol).
+    pub(crate) io: Arc<crate::metrics::ExportIo>,
     pub(crate) info: SessionInfo,
     /// A commit, a tag, or a protected branch: reads only.
     pub(crate) read_only: bool,
@@ -291,6 +295,18 @@ impl Session {
     /// Reads a range as data chunks and runs of zeros (for sparse replies). The chunks cover the
     /// range exactly, in order.
     pub async fn read_chunks(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<ReadChunk>> {
+        let started = Instant::now();
+        let result = self.read_chunks_unmeasured(offset_bytes, len_bytes).await;
+        self.io
+            .observe(RequestOp::Read, len_bytes, started.elapsed(), &result);
+        result
+    }
+
+    async fn read_chunks_unmeasured(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<Vec<ReadChunk>> {
         self.check_range(offset_bytes, len_bytes)?;
         AtomicCounters::add(&self.counters.read_ops, 1);
         AtomicCounters::add(&self.counters.read_bytes, len_bytes);
@@ -387,6 +403,18 @@ impl Session {
     /// Writes `data` at `offset_bytes`. Any alignment; sub-block writes read-modify-write inside
     /// the engine. With `fua`, the write is durable when this returns.
     pub async fn write(&self, offset_bytes: u64, data: &[u8], fua: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.write_unmeasured(offset_bytes, data, fua).await;
+        self.io.observe(
+            RequestOp::Write,
+            data.len() as u64,
+            started.elapsed(),
+            &result,
+        );
+        result
+    }
+
+    async fn write_unmeasured(&self, offset_bytes: u64, data: &[u8], fua: bool) -> Result<()> {
         self.head()?;
         self.check_range(offset_bytes, data.len() as u64)?;
         AtomicCounters::add(&self.counters.write_ops, 1);
@@ -558,6 +586,26 @@ impl Session {
         mode: ZeroMode,
         fua: bool,
     ) -> Result<()> {
+        let started = Instant::now();
+        let result = self
+            .write_zeroes_unmeasured(offset_bytes, len_bytes, mode, fua)
+            .await;
+        self.io.observe(
+            RequestOp::WriteZeroes,
+            len_bytes,
+            started.elapsed(),
+            &result,
+        );
+        result
+    }
+
+    async fn write_zeroes_unmeasured(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        mode: ZeroMode,
+        fua: bool,
+    ) -> Result<()> {
         self.head()?;
         self.check_range(offset_bytes, len_bytes)?;
         AtomicCounters::add(&self.counters.zero_ops, 1);
@@ -605,6 +653,14 @@ impl Session {
     /// Discards a range: whole blocks inside it are deallocated and read as zeros afterwards;
     /// partial blocks at the edges are left as they are (a trim is advisory).
     pub async fn trim(&self, offset_bytes: u64, len_bytes: u64, fua: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.trim_unmeasured(offset_bytes, len_bytes, fua).await;
+        self.io
+            .observe(RequestOp::Trim, len_bytes, started.elapsed(), &result);
+        result
+    }
+
+    async fn trim_unmeasured(&self, offset_bytes: u64, len_bytes: u64, fua: bool) -> Result<()> {
         self.head()?;
         self.check_range(offset_bytes, len_bytes)?;
         AtomicCounters::add(&self.counters.trim_ops, 1);
@@ -661,6 +717,14 @@ impl Session {
     /// Makes every write acknowledged before this call durable, on this session and on every
     /// other session of the pool.
     pub async fn flush(&self) -> Result<()> {
+        let started = Instant::now();
+        let result = self.flush_unmeasured().await;
+        self.io
+            .observe(RequestOp::Flush, 0, started.elapsed(), &result);
+        result
+    }
+
+    async fn flush_unmeasured(&self) -> Result<()> {
         AtomicCounters::add(&self.counters.flush_ops, 1);
         self.pool.flush().await
     }
@@ -672,6 +736,22 @@ impl Session {
 
     /// Allocation status of a range, as consecutive runs covering it exactly.
     pub fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<BlockStatus>> {
+        let started = Instant::now();
+        let result = self.block_status_unmeasured(offset_bytes, len_bytes);
+        self.io.observe(
+            RequestOp::BlockStatus,
+            len_bytes,
+            started.elapsed(),
+            &result,
+        );
+        result
+    }
+
+    fn block_status_unmeasured(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<Vec<BlockStatus>> {
         self.check_range(offset_bytes, len_bytes)?;
         if len_bytes == 0 {
             return Ok(Vec::new());

@@ -13,6 +13,7 @@
 pub mod error;
 pub mod extract;
 pub mod hooks;
+pub mod metrics;
 pub mod model;
 pub mod openapi;
 pub mod routes;
@@ -25,7 +26,7 @@ use std::time::Instant;
 use axum::extract::Request;
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use grove_engine::Pool;
 
@@ -57,13 +58,44 @@ fn router_with(pool: Pool, stopping: Stopping) -> Router {
     let (router, _) = routes::api_router().split_for_parts();
     // Starts the hooks' delivery tasks (on the current runtime, if any).
     let hooks = hooks::Hooks::start(pool.clone());
+    let metrics = metrics::Metrics::new(pool.clone(), hooks.clone());
     router
+        .route("/metrics", axum::routing::get(serve_metrics))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(log_request))
         .layer(axum::Extension(hooks))
         .layer(axum::Extension(stopping))
-        .layer(middleware::from_fn(log_request))
+        .layer(axum::Extension(metrics))
         .with_state(pool)
+}
+
+/// `GET /metrics`: OpenMetrics text to scrapers that accept it (Prometheus), the classic
+/// Prometheus text format otherwise.
+async fn serve_metrics(
+    axum::Extension(metrics): axum::Extension<metrics::Metrics>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let text = tokio::task::spawn_blocking(move || metrics.encode())
+        .await
+        .map_err(|e| ApiError::internal(format!("collecting metrics failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("encoding metrics failed: {e}")))?;
+    let answer = if openmetrics {
+        (
+            [(axum::http::header::CONTENT_TYPE, metrics::OPENMETRICS)],
+            text,
+        )
+    } else {
+        (
+            [(axum::http::header::CONTENT_TYPE, metrics::PROMETHEUS_TEXT)],
+            metrics::to_prometheus_text(&text),
+        )
+    };
+    Ok(answer.into_response())
 }
 
 /// Serves the API on `listener` until the task is dropped or the listener fails.
@@ -115,8 +147,23 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 async fn log_request(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
+    // The route's template, so that ids and names do not make a label each.
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let metrics = request.extensions().get::<metrics::Metrics>().cloned();
     let started = Instant::now();
     let response = next.run(request).await;
+    if let Some(metrics) = metrics {
+        metrics.observe_api(
+            method.as_str(),
+            &route,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+    }
     tracing::debug!(
         %method,
         path,

@@ -15,7 +15,10 @@ pub mod uring;
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use crate::metrics::DISK_OPS_IN_FLIGHT;
 
 /// The files of a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -165,9 +168,11 @@ pub(crate) fn read_nowait(
 /// Runs `op` and waits for it asynchronously.
 pub async fn run(backend: &dyn IoBackend, op: IoOp) -> IoDone {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    DISK_OPS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     backend.submit(
         op,
         Box::new(move |done| {
+            DISK_OPS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
             // The receiver is gone only if the caller was cancelled; nothing to do then.
             let _ = tx.send(done);
         }),
@@ -185,9 +190,11 @@ pub async fn run(backend: &dyn IoBackend, op: IoOp) -> IoDone {
 /// blocking threads.
 pub fn run_blocking(backend: &dyn IoBackend, op: IoOp) -> IoDone {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    DISK_OPS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
     backend.submit(
         op,
         Box::new(move |done| {
+            DISK_OPS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(done);
         }),
     );
