@@ -130,6 +130,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     tracing::info!(%nbd_address, %api_address, nbd_socket = ?config.nbd_socket, "listening");
+    // systemd (Type=notify): ready once the pool is open and every listener is bound.
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "serving NBD on {nbd_address}, API on {api_address}"
+        )),
+    ]);
+    let _watchdog = spawn_watchdog();
     println!(
         "{}",
         ready_line(
@@ -147,6 +155,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ended = &mut api => Some(server_ended(ended.map(|result| ("HTTP API", result)))),
     };
 
+    notify_systemd(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: draining requests and flushing the pool"),
+    ]);
     // Stop accepting: the API drains its requests in flight; the NBD listeners are dropped.
     let _ = api_stop.send(());
     servers.abort_all();
@@ -175,6 +187,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => Ok(()),
         Some(error) => Err(error),
     }
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) how the service is doing.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(error) = sd_notify::notify(false, state) {
+        tracing::warn!(%error, "cannot notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, when one is set (`WatchdogSec=`). The pings
+/// come from the runtime: a wedged runtime stops them and systemd restarts the service.
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let interval = std::time::Duration::from_micros(usec / 2);
+    tracing::info!(
+        interval_ms = interval.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
+    Some(tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        loop {
+            ticks.tick().await;
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
 }
 
 async fn open_pool(config: &Config) -> anyhow::Result<Pool> {
