@@ -119,6 +119,9 @@ pub struct ServeArgs {
     /// Days the event log serves events for [default: all].
     #[arg(long, value_name = "DAYS")]
     pub event_retention_days: Option<u32>,
+    /// Check the configuration (file, environment and flags), print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {

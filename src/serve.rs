@@ -22,8 +22,15 @@ const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn main(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
     let config = Config::resolve(&args)?;
+    if args.check_config {
+        // The effective configuration, as a config file would say it.
+        let text = toml::to_string(&config).context("cannot print the configuration")?;
+        print!("{text}");
+        eprintln!("configuration OK");
+        return Ok(());
+    }
+    init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("grove")

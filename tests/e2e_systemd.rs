@@ -1,7 +1,7 @@
-//! End-to-end: the systemd notify protocol, checked against a datagram socket the test listens
-//! on as systemd would. `grove serve` started with `NOTIFY_SOCKET` says `READY=1` once its
-//! listeners answer, pings `WATCHDOG=1` when `WATCHDOG_USEC` asks for it, and says
-//! `STOPPING=1` on SIGTERM before it exits 0. Without `NOTIFY_SOCKET` it sends nothing.
+//! End-to-end operations: the systemd notify protocol, checked against a datagram socket the
+//! test listens on as systemd would (`READY=1` once the listeners answer, `WATCHDOG=1` when
+//! `WATCHDOG_USEC` asks for it, `STOPPING=1` on SIGTERM, exit 0); `grove serve --check-config`;
+//! `grove status`.
 
 mod support;
 
@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{free_port, grove_bin, http};
+use support::{free_port, grove_bin, http, run, write_pattern, Grove, MIB};
 
 fn receive(socket: &UnixDatagram, deadline: Instant) -> Option<String> {
     let mut buffer = [0u8; 4096];
@@ -100,4 +100,88 @@ fn serve_speaks_the_notify_protocol() {
     assert!(stopping, "no STOPPING=1 after SIGTERM");
     let exit = child.wait().expect("wait for grove");
     assert!(exit.success(), "grove exited with {exit}");
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_or_names_the_bad_key() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let good = root.path().join("good.toml");
+    std::fs::write(&good, "cache-size = \"64MiB\"\nevent-retention-days = 7\n").expect("write");
+    let out = run(
+        Command::new(grove_bin())
+            .args(["serve", "--check-config", "--config"])
+            .arg(&good)
+            .args(["--api-listen", "127.0.0.1:1"]),
+        Duration::from_secs(30),
+    );
+    out.assert_success();
+    assert!(
+        out.stdout.contains("cache-size = 67108864"),
+        "{}",
+        out.report()
+    );
+    assert!(
+        out.stdout.contains("event-retention-days = 7"),
+        "{}",
+        out.report()
+    );
+    assert!(
+        out.stdout.contains("api-listen = \"127.0.0.1:1\""),
+        "{}",
+        out.report()
+    );
+    assert!(
+        !root.path().join("grove-data").exists(),
+        "--check-config must not start anything"
+    );
+
+    for (text, key) in [
+        ("nbd-listn = \"127.0.0.1:1\"\n", "nbd-listn"),
+        ("cache-size = \"1KiB\"\n", "cache-size"),
+        ("event-retention-days = 0\n", "event-retention-days"),
+    ] {
+        let bad = root.path().join("bad.toml");
+        std::fs::write(&bad, text).expect("write");
+        let out = run(
+            Command::new(grove_bin())
+                .args(["serve", "--check-config", "--config"])
+                .arg(&bad),
+            Duration::from_secs(30),
+        );
+        out.assert_failure();
+        assert!(out.stderr.contains(key), "{key}: {}", out.report());
+    }
+}
+
+#[test]
+fn status_gives_one_screen() {
+    let grove = Grove::start();
+    grove.create_volume("st", "8MiB");
+    write_pattern(&grove.unix_uri("st"), 0x11, 0, MIB);
+    grove.commit("st", "one");
+    let out = grove.cli_ok(&["status"]);
+    for needle in [
+        "grove:",
+        "serving",
+        "pool:",
+        "io backend:",
+        "volumes:",
+        "st ",
+        "8 MiB",
+    ] {
+        assert!(
+            out.contains(needle),
+            "{needle:?} missing from grove status:\n{out}"
+        );
+    }
+    let json = grove.cli_json(&["status"]);
+    assert_eq!(json["volumes"][0]["name"], "st", "{json}");
+    assert_eq!(json["pool"]["failed"], false, "{json}");
+    assert!(
+        json["pool"]["event_log_last_seq"]
+            .as_u64()
+            .unwrap_or_default()
+            >= 2,
+        "{json}"
+    );
 }

@@ -491,11 +491,25 @@ pub struct PoolStatus {
     pub io_backend: String,
     /// The latest space scan; null before the first one has finished.
     pub space: Option<PoolSpace>,
+    /// The server's version.
+    pub version: String,
+    /// Set once an I/O failure stopped the pool taking writes (until restart).
+    pub failed: bool,
+    /// The newest event logged.
+    pub event_log_last_seq: u64,
 }
 
 impl PoolStatus {
-    pub fn new(stats: engine::PoolStats, space: Option<&engine::SpaceReport>) -> Self {
+    pub fn new(
+        stats: engine::PoolStats,
+        space: Option<&engine::SpaceReport>,
+        failed: bool,
+        event_log_last_seq: u64,
+    ) -> Self {
         PoolStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            failed,
+            event_log_last_seq,
             capacity_bytes: stats.capacity_bytes,
             used_bytes: stats.used_bytes,
             free_bytes: stats.free_bytes,

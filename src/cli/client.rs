@@ -104,6 +104,11 @@ impl Client {
         }
     }
 
+    /// The API's address.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     /// GETs `path` (already encoded, starting with '/') and returns the body.
     pub fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
         let mut request = self.agent.get(&self.url(path));

@@ -16,6 +16,7 @@ mod pool;
 mod refs;
 mod reset;
 mod sessions;
+mod status;
 mod tag;
 mod volume;
 
@@ -81,6 +82,8 @@ pub enum Command {
     Blame(blame::BlameArgs),
     /// List live NBD and iSCSI sessions with their I/O counters.
     Sessions,
+    /// One screen on the server: version, pool use, volumes, sessions, hooks.
+    Status,
     /// Print the event log; `--follow` keeps printing new events.
     Events(events::EventsArgs),
     /// Show where a commit's data came from (--upstream) or what was derived from it
@@ -109,6 +112,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reset(args) => reset::run(&client()?, json, args),
         Command::Blame(args) => blame::run(&client()?, json, args),
         Command::Sessions => sessions::run(&client()?, json),
+        Command::Status => status::run(&client()?, json),
         Command::Events(args) => events::run(&client()?, json, args),
         Command::Hook(command) => hook::run(&client()?, json, command),
         Command::Lineage(args) => lineage::run(&client()?, json, args),

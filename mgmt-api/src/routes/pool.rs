@@ -22,7 +22,12 @@ use crate::model::{PoolStatus, SpaceReport};
 pub async fn pool_status(State(pool): State<Pool>) -> Result<Json<PoolStatus>, ApiError> {
     let status = blocking(pool, |pool| {
         let stats = pool.stats()?;
-        Ok(PoolStatus::new(stats, pool.space_report().as_ref()))
+        Ok(PoolStatus::new(
+            stats,
+            pool.space_report().as_ref(),
+            pool.is_failed(),
+            pool.last_event_seq(),
+        ))
     })
     .await?;
     Ok(Json(status))
