@@ -666,7 +666,9 @@ fn clones_share_blocks_then_diverge() {
         &grove.unix_uri("src-head")
     ));
 
-    // Bad input: clear errors, nothing created or deleted.
+    // Bad input: clear errors, nothing created or deleted. (Sessions are refused first: the
+    // comparison's clients must be gone for the refusal to be about the clone.)
+    grove.wait_no_sessions();
     let out = grove.cli_err(&["volume", "delete", "src"]);
     assert!(out.stderr.contains("dst"), "{}", out.report());
     grove.cli_err(&["volume", "clone", "src", "dst"]);
