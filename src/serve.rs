@@ -43,7 +43,8 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Logs go to stderr, filtered by `RUST_LOG` (default `info`); stdout carries only the ready line.
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`); stdout carries only the ready
+/// line.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let (filter, bad_filter) = match std::env::var("RUST_LOG") {
@@ -56,11 +57,22 @@ fn init_logging() {
         },
         _ => (EnvFilter::new("info"), None),
     };
-    tracing_subscriber::fmt()
+    // Under systemd (stderr connected to the journal) or when asked with GROVE_LOG_FORMAT=json,
+    // one JSON object per line, fields kept apart for the journal and log shippers; otherwise
+    // human-readable text.
+    let json = match std::env::var("GROVE_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => std::env::var_os("JOURNAL_STREAM").is_some() && !io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
-        .init();
+        .with_writer(io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.with_ansi(io::stderr().is_terminal()).init();
+    }
     if let Some(message) = bad_filter {
         tracing::warn!("{message}");
     }

@@ -1,7 +1,7 @@
 //! End-to-end operations: the systemd notify protocol, checked against a datagram socket the
 //! test listens on as systemd would (`READY=1` once the listeners answer, `WATCHDOG=1` when
 //! `WATCHDOG_USEC` asks for it, `STOPPING=1` on SIGTERM, exit 0); `grove serve --check-config`;
-//! `grove status`.
+//! `grove status`; JSON logs.
 
 mod support;
 
@@ -44,8 +44,11 @@ fn serve_speaks_the_notify_protocol() {
         .arg(format!("127.0.0.1:{}", free_port()))
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "200000")
+        .env("GROVE_LOG_FORMAT", "json")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(root.path().join("grove.log")).expect("log file"),
+        ))
         .spawn()
         .expect("start grove serve");
 
@@ -100,6 +103,18 @@ fn serve_speaks_the_notify_protocol() {
     assert!(stopping, "no STOPPING=1 after SIGTERM");
     let exit = child.wait().expect("wait for grove");
     assert!(exit.success(), "grove exited with {exit}");
+
+    // Structured logs: one JSON object per line, with level and message.
+    let log = std::fs::read_to_string(root.path().join("grove.log")).expect("read the log");
+    assert!(log.lines().count() >= 3, "{log}");
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["message"].is_string(),
+            "{line}"
+        );
+    }
 }
 
 #[test]
