@@ -32,6 +32,7 @@ REQUIRED_TOOLS=(
   "fio:fio"
   "promtool:prometheus"
   "curl:curl"
+  "systemd-analyze:systemd"
   "cc:build-essential"
 )
 

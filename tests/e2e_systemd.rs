@@ -200,3 +200,35 @@ fn status_gives_one_screen() {
         "{json}"
     );
 }
+
+/// The unit passes `systemd-analyze verify` (its ExecStart pointed at the binary under test,
+/// since /usr/bin/grove exists only once the package is installed).
+#[test]
+fn the_unit_passes_systemd_analyze_verify() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed: skipping");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/systemd/grove.service"
+    ))
+    .expect("read the unit");
+    assert!(unit.contains("Type=notify"), "{unit}");
+    let root = tempfile::tempdir().expect("temp dir");
+    let path = root.path().join("grove.service");
+    std::fs::write(&path, unit.replace("/usr/bin/grove", grove_bin())).expect("write the unit");
+    let out = run(
+        Command::new("systemd-analyze").arg("verify").arg(&path),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.success() && out.stderr.trim().is_empty(),
+        "systemd-analyze verify: {}",
+        out.report()
+    );
+}
