@@ -89,9 +89,27 @@ pub enum Command {
     /// Show where a commit's data came from (--upstream) or what was derived from it
     /// (--downstream), across volumes.
     Lineage(lineage::LineageArgs),
+    /// Print the manual page (roff) of grove and its commands.
+    #[command(hide = true)]
+    Man,
     /// Add, list, show and delete hooks; see and redo their deliveries.
     #[command(subcommand)]
     Hook(hook::HookCommand),
+}
+
+/// Writes the manual: the top page, then one section per command, from the same definitions
+/// as `--help`.
+fn man() -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let command = Cli::command();
+    let mut out = std::io::stdout().lock();
+    clap_mangen::Man::new(command.clone()).render(&mut out)?;
+    for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("grove-{}", sub.get_name());
+        let sub = sub.clone().display_name(name);
+        clap_mangen::Man::new(sub).render(&mut out)?;
+    }
+    Ok(())
 }
 
 /// Runs a command: `serve` runs the daemon, every other command is a client of its API.
@@ -116,6 +134,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(&client()?, json, args),
         Command::Hook(command) => hook::run(&client()?, json, command),
         Command::Lineage(args) => lineage::run(&client()?, json, args),
+        Command::Man => man(),
     }
 }
 
