@@ -7,5 +7,5 @@ command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb
 cargo build --release -p grove
 mkdir -p target/man
 target/release/grove man | gzip -9n > target/man/grove.1.gz
-cargo deb -p grove --no-build "$@"
+cargo deb -p grove --no-build --strip "$@"
 ls -l target/debian/*.deb

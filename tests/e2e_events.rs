@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use support::{
-    grove_bin, qio_write, require_nbd_tools, run, CmdOut, Grove, HttpReply, KIB, MIB, TOOL_TIMEOUT,
+    grove_bin, http_with_headers, qio_write, require_nbd_tools, run, CmdOut, Grove, HttpReply, KIB,
+    MIB, TOOL_TIMEOUT,
 };
 
 /// How long an event may take to show up (session events are logged in the background).
@@ -46,33 +47,10 @@ fn request(
     body: Option<&Value>,
     actor: Option<&str>,
 ) -> HttpReply {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
-        .build();
     let url = format!("{}{path}", grove.api());
-    let mut req = agent.request(method, &url);
-    if let Some(actor) = actor {
-        req = req.set("X-Grove-Actor", actor);
-    }
-    let result = match body {
-        Some(body) => req
-            .set("Content-Type", "application/json")
-            .send_string(&body.to_string()),
-        None => req.call(),
-    };
-    let response = match result {
-        Ok(response) => response,
-        Err(ureq::Error::Status(_, response)) => response,
-        Err(error) => panic!("{method} {url}: transport error: {error}"),
-    };
-    let status = response.status();
-    let content_type = response.header("Content-Type").unwrap_or("").to_string();
-    let body = response.into_string().unwrap_or_default();
-    HttpReply {
-        status,
-        content_type,
-        body,
-    }
+    let body = body.map(Value::to_string);
+    let headers: Vec<(&str, &str)> = actor.map(|a| ("X-Grove-Actor", a)).into_iter().collect();
+    http_with_headers(method, &url, body.as_deref(), &headers)
 }
 
 fn request_ok(

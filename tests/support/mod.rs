@@ -670,10 +670,23 @@ impl HttpReply {
 }
 
 pub fn http(method: &str, url: &str, body: Option<&str>) -> HttpReply {
+    http_with_headers(method, url, body, &[])
+}
+
+/// `http` with extra request headers.
+pub fn http_with_headers(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> HttpReply {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(30))
         .build();
-    let request = agent.request(method, url);
+    let mut request = agent.request(method, url);
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
     let result = match body {
         Some(body) => request
             .set("Content-Type", "application/json")
