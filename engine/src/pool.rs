@@ -481,37 +481,13 @@ impl Pool {
             .change_gated(gate, self.actor.clone(), move |st| {
                 check_name_free(&st.catalog, &volume, &branch)?;
                 let gen = st.meta.gen;
-                let (root, base, base_gen, changed, lineage) = match &source {
-                    ResolvedRef::Branch { branch: src, .. } => {
-                        let id = st.catalog.head_id(&volume, src)?;
-                        check_gated(gated, id, src)?;
-                        refuse_merge_branch(st.catalog.head(id)?, "branch from it")?;
-                        let src_head = st.catalog.head_mut(id)?;
-                        // From the next generation on, neither head owns the shared state.
-                        src_head.record.exclusive_since = gen + 1;
-                        let r = &src_head.record;
-                        // The fork's uncommitted data keeps who wrote it.
-                        let fork = (
-                            r.root,
-                            r.base,
-                            r.base_gen,
-                            src_head.changed.clone(),
-                            r.lineage.clone(),
-                        );
-                        st.dirty_heads.insert(id);
-                        fork
-                    }
-                    ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
-                        let c = st.catalog.find_commit(&volume, &commit.to_hex())?;
-                        (
-                            c.root,
-                            Some(c.info.id),
-                            c.gen,
-                            RoaringTreemap::new(),
-                            Default::default(),
-                        )
-                    }
-                };
+                let Fork {
+                    root,
+                    base,
+                    base_gen,
+                    changed,
+                    lineage,
+                } = fork(st, &source, gated, "branch from it")?;
                 let record = HeadRecord {
                     id: st.catalog.new_id(),
                     volume: volume.clone(),
@@ -1338,6 +1314,56 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         tags: v.tags.len(),
         written_bytes: v.blocks * BLOCK_SIZE,
         origin: v.origin.clone(),
+    }
+}
+
+/// What a new head (a branch, a clone's main) starts from.
+pub(crate) struct Fork {
+    pub root: u64,
+    pub base: Option<CommitId>,
+    pub base_gen: u64,
+    /// A branch head's uncommitted writes, and who wrote them, come along.
+    pub changed: RoaringTreemap,
+    pub lineage: HeadLineage,
+}
+
+/// Forks `source` for a new head. A branch head (gated by the caller: `gated` is its id) is
+/// shared from the next generation on: neither head owns what they share.
+pub(crate) fn fork(
+    st: &mut State,
+    source: &ResolvedRef,
+    gated: Option<u64>,
+    action: &str,
+) -> Result<Fork> {
+    match source {
+        ResolvedRef::Branch { volume, branch } => {
+            let id = st.catalog.head_id(volume, branch)?;
+            check_gated(gated, id, branch)?;
+            refuse_merge_branch(st.catalog.head(id)?, action)?;
+            let gen = st.meta.gen;
+            let head = st.catalog.head_mut(id)?;
+            head.record.exclusive_since = gen + 1;
+            let r = &head.record;
+            let fork = Fork {
+                root: r.root,
+                base: r.base,
+                base_gen: r.base_gen,
+                changed: head.changed.clone(),
+                lineage: r.lineage.clone(),
+            };
+            st.dirty_heads.insert(id);
+            Ok(fork)
+        }
+        ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
+            let c = st.catalog.commit_required(commit)?;
+            Ok(Fork {
+                root: c.root,
+                base: Some(c.info.id),
+                base_gen: c.gen,
+                changed: RoaringTreemap::new(),
+                lineage: HeadLineage::default(),
+            })
+        }
     }
 }
 

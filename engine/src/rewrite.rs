@@ -14,7 +14,7 @@ use crate::events::Event;
 use crate::history::read_bitmap;
 use crate::merge::refuse_merge_branch;
 use crate::meta::PendingFree;
-use crate::pool::{check_gated, free_head_space, Pool, PoolInner, State};
+use crate::pool::{check_gated, fork, free_head_space, Fork, Pool, PoolInner, State};
 use crate::types::*;
 
 impl Pool {
@@ -199,37 +199,13 @@ impl Pool {
                 let src = st.catalog.volume(source.volume())?;
                 let (size_bytes, src_blocks) = (src.size_bytes, src.blocks);
                 let gen = st.meta.gen;
-                let (root, base, base_gen, changed, lineage) = match &source {
-                    ResolvedRef::Branch { volume, branch } => {
-                        let id = st.catalog.head_id(volume, branch)?;
-                        check_gated(gated, id, branch)?;
-                        refuse_merge_branch(st.catalog.head(id)?, "clone it")?;
-                        let head = st.catalog.head_mut(id)?;
-                        // From the next generation on, neither head owns the shared state.
-                        head.record.exclusive_since = gen + 1;
-                        let r = &head.record;
-                        // The clone's uncommitted data keeps who wrote it.
-                        let fork = (
-                            r.root,
-                            r.base,
-                            r.base_gen,
-                            head.changed.clone(),
-                            r.lineage.clone(),
-                        );
-                        st.dirty_heads.insert(id);
-                        fork
-                    }
-                    ResolvedRef::Tag { commit, .. } | ResolvedRef::Commit { commit, .. } => {
-                        let c = st.catalog.commit_required(commit)?;
-                        (
-                            c.root,
-                            Some(c.info.id),
-                            c.gen,
-                            RoaringTreemap::new(),
-                            Default::default(),
-                        )
-                    }
-                };
+                let Fork {
+                    root,
+                    base,
+                    base_gen,
+                    changed,
+                    lineage,
+                } = fork(st, &source, gated, "clone it")?;
                 let origin = VolumeOrigin {
                     volume: source.volume().to_string(),
                     source: source.canonical_name(),
