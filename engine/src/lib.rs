@@ -11,6 +11,7 @@
 pub mod error;
 pub mod event_log;
 pub mod events;
+pub mod fsck;
 pub mod history;
 pub mod lineage;
 pub mod merge;

@@ -81,6 +81,8 @@ pub(crate) struct State {
     pub job_clock: u64,
     /// Sessions of earlier runs were numbered below this (ids stay unique in lineage).
     pub first_session_id: u64,
+    /// A torn journal tail left in place by a check (`recover_with`); 0 otherwise.
+    pub torn_journal_bytes: u64,
 }
 
 /// A commit being checked (`Pool::prepare_commit`).
@@ -248,11 +250,22 @@ impl Pool {
         cache_bytes: u64,
         data_dir: Option<PathBuf>,
     ) -> Result<Pool> {
+        Self::open_with(backend, cache_bytes, data_dir, true)
+    }
+
+    /// Opens a pool; without `cut_torn_tail` a torn journal tail is left as it is (a check).
+    pub(crate) fn open_with(
+        backend: Arc<dyn IoBackend>,
+        cache_bytes: u64,
+        data_dir: Option<PathBuf>,
+        cut_torn_tail: bool,
+    ) -> Result<Pool> {
         let poisoned = Arc::new(AtomicBool::new(false));
-        let (state, event_index) = recover(
+        let (state, event_index) = recover_with(
             &backend,
             (cache_bytes / PAGE_SIZE as u64) as usize,
             &poisoned,
+            cut_torn_tail,
         )?;
         let first_session_id = state.first_session_id;
         let inner = PoolInner {
@@ -1477,11 +1490,14 @@ pub(crate) fn runs(bitmap: &RoaringTreemap) -> impl Iterator<Item = (u64, u64)> 
 }
 
 /// Opens or creates the pool on `backend`: checks the file headers, replays the journal
-/// (cutting a torn tail), and rebuilds the allocators from what the catalog references.
-fn recover(
+/// (cutting a torn tail, unless `cut_torn_tail` is off for a check that must write nothing: its
+/// length is then kept in `State::torn_journal_bytes`), and rebuilds the allocators from what
+/// the catalog references.
+pub(crate) fn recover_with(
     backend: &Arc<dyn IoBackend>,
     cache_pages: usize,
     failed: &Arc<AtomicBool>,
+    cut_torn_tail: bool,
 ) -> Result<(State, EventIndex)> {
     let journal_len = backend.file_len(FileKind::Journal)?;
     if journal_len < PAGE_SIZE as u64 {
@@ -1526,9 +1542,10 @@ fn recover(
         ));
     }
     let journal_end = PAGE_SIZE as u64 + valid as u64;
-    if journal_end < journal_len {
+    let torn_journal_bytes = journal_len - journal_end;
+    if journal_end < journal_len && cut_torn_tail {
         tracing::warn!(
-            cut_bytes = journal_len - journal_end,
+            cut_bytes = torn_journal_bytes,
             "journal ends in an incomplete record (an interrupted sync); cutting it"
         );
         backend.set_len(FileKind::Journal, journal_end)?;
@@ -1663,6 +1680,7 @@ fn recover(
             jobs: HashMap::new(),
             job_clock: 0,
             first_session_id,
+            torn_journal_bytes: if cut_torn_tail { 0 } else { torn_journal_bytes },
         },
         event_index,
     ))
@@ -1717,6 +1735,7 @@ fn create(
         jobs: HashMap::new(),
         job_clock: 0,
         first_session_id: 1,
+        torn_journal_bytes: 0,
     })
 }
 

@@ -596,6 +596,12 @@ async fn run_seed(seed: u64) {
     }
     check_diff(&pool, &model, &mut rng).await;
 
+    // The consistency check finds nothing wrong: catalog references, blobs, extents, and
+    // every commit's bitmap against its map.
+    pool.flush().await.unwrap();
+    let report = pool.check_consistency().unwrap();
+    assert!(report.clean(), "seed {seed}: {:?}", report.problems);
+
     // A scan leaves in use exactly what a fresh open finds referenced.
     pool.reclaim().await.unwrap();
     pool.flush().await.unwrap();

@@ -7,6 +7,7 @@ mod client;
 mod commit;
 mod diff;
 mod events;
+mod fsck;
 mod hook;
 mod lineage;
 mod log;
@@ -89,6 +90,9 @@ pub enum Command {
     /// Show where a commit's data came from (--upstream) or what was derived from it
     /// (--downstream), across volumes.
     Lineage(lineage::LineageArgs),
+    /// Check a stopped pool offline (exit 1 if not clean); --repair fixes what can be fixed
+    /// without guessing.
+    Fsck(fsck::FsckArgs),
     /// Print the manual page (roff) of grove and its commands.
     #[command(hide = true)]
     Man,
@@ -135,6 +139,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hook(command) => hook::run(&client()?, json, command),
         Command::Lineage(args) => lineage::run(&client()?, json, args),
         Command::Man => man(),
+        Command::Fsck(args) => fsck::run(json, args),
     }
 }
 
