@@ -58,6 +58,37 @@ fn fsck_checks_a_real_pool() {
     let report: serde_json::Value = serde_json::from_str(&json.stdout).expect("JSON report");
     assert_eq!(report["problems"], serde_json::json!([]), "{report}");
 
+    // An interrupted journal append: reported, left alone, cut by --repair.
+    let journal = grove.data_dir.join("journal.grove");
+    let length = std::fs::metadata(&journal).expect("journal").len();
+    let mut tail = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)
+        .expect("open the journal");
+    std::io::Write::write_all(&mut tail, b"GRVR\x40\x00\x00\x00torn").expect("append");
+    drop(tail);
+    let torn = fsck(&grove, &[]);
+    torn.assert_success();
+    assert!(
+        torn.stdout.contains("incomplete last record of 12 bytes"),
+        "{}",
+        torn.report()
+    );
+    assert_eq!(
+        std::fs::metadata(&journal).expect("journal").len(),
+        length + 12
+    );
+    let repaired = fsck(&grove, &["--repair"]);
+    repaired.assert_success();
+    assert!(
+        repaired
+            .stdout
+            .contains("repaired: cut the torn journal tail"),
+        "{}",
+        repaired.report()
+    );
+    assert_eq!(std::fs::metadata(&journal).expect("journal").len(), length);
+
     // A damaged extent-map node: reported with its place, exit 1, no panic.
     let meta = grove.data_dir.join("meta.grove");
     let mut bytes = std::fs::read(&meta).expect("read meta.grove");

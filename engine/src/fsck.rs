@@ -45,6 +45,8 @@ pub struct FsckReport {
     /// An incomplete record at the journal's end (an interrupted sync): harmless, cut at the
     /// next start, or by `repair`.
     pub torn_journal_bytes: u64,
+    /// The pool could not be opened at all (the one problem says why).
+    pub unopenable: bool,
     pub problems: Vec<Problem>,
     /// What `repair` fixed.
     pub repaired: Vec<String>,
@@ -92,6 +94,7 @@ pub fn fsck(dir: &Path, repair: bool) -> Result<FsckReport> {
                     what: format!("the pool cannot be opened: {what}"),
                     at,
                 }],
+                unopenable: true,
                 ..Default::default()
             })
         }

@@ -81,7 +81,7 @@ pub(crate) struct State {
     pub job_clock: u64,
     /// Sessions of earlier runs were numbered below this (ids stay unique in lineage).
     pub first_session_id: u64,
-    /// A torn journal tail left in place by a check (`recover_with`); 0 otherwise.
+    /// The torn journal tail found at open (cut, unless a check left it in place).
     pub torn_journal_bytes: u64,
 }
 
@@ -1680,7 +1680,7 @@ pub(crate) fn recover_with(
             jobs: HashMap::new(),
             job_clock: 0,
             first_session_id,
-            torn_journal_bytes: if cut_torn_tail { 0 } else { torn_journal_bytes },
+            torn_journal_bytes,
         },
         event_index,
     ))

@@ -20,7 +20,7 @@ pub fn run(json: bool, args: FsckArgs) -> anyhow::Result<()> {
     let report = grove_engine::fsck::fsck(&args.data_dir, args.repair)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    } else if !report.unopenable {
         println!(
             "pool in {}: {} volumes, {} branches, {} commits, {} metadata pages and {} data blocks referenced",
             args.data_dir.display(),
@@ -39,13 +39,15 @@ pub fn run(json: bool, args: FsckArgs) -> anyhow::Result<()> {
         for fixed in &report.repaired {
             println!("repaired: {fixed}");
         }
-        if report.clean() {
-            println!("clean");
-        } else {
-            println!("{} problems:", report.problems.len());
-            for problem in &report.problems {
-                println!("  {}: {}", problem.at, problem.what);
-            }
+    }
+    if !json {
+        match report.problems.len() {
+            0 => println!("clean"),
+            1 => println!("1 problem:"),
+            n => println!("{n} problems:"),
+        }
+        for problem in &report.problems {
+            println!("  {}: {}", problem.at, problem.what);
         }
     }
     if !report.clean() {
