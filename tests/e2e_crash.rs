@@ -89,7 +89,7 @@ fn acknowledged_flushed_writes_survive_sigkill() {
         let mut ops = 0u64;
         loop {
             ops += 1;
-            if ops % 16 == 0 {
+            if ops.is_multiple_of(16) {
                 match conn.flush() {
                     Ok(0) => {
                         for (block, writes) in since_flush.iter_mut().enumerate() {
