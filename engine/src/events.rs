@@ -170,17 +170,18 @@ pub const EVENT_TYPES: &[&str] = &[
 /// Changed extents listed in a `commit.created` event at most.
 pub const COMMIT_EVENT_EXTENTS: usize = 256;
 
-/// The changed-extent summary of a commit event: its first ranges, and whether that is all.
-pub(crate) fn extent_summary(changed: &RoaringTreemap) -> (Vec<ByteRange>, bool) {
+/// Blocks as byte ranges, the first `max` of them, and whether that is all (a commit event's
+/// changed extents, a pre-commit hook's).
+pub fn extent_summary(changed: &RoaringTreemap, max: usize) -> (Vec<ByteRange>, bool) {
     let mut ranges: Vec<ByteRange> = runs(changed)
-        .take(COMMIT_EVENT_EXTENTS + 1)
+        .take(max + 1)
         .map(|(start, len)| ByteRange {
             offset_bytes: start * BLOCK_SIZE,
             len_bytes: len * BLOCK_SIZE,
         })
         .collect();
-    let complete = ranges.len() <= COMMIT_EVENT_EXTENTS;
-    ranges.truncate(COMMIT_EVENT_EXTENTS);
+    let complete = ranges.len() <= max;
+    ranges.truncate(max);
     (ranges, complete)
 }
 
@@ -203,7 +204,8 @@ impl Event {
         info: &crate::types::CommitInfo,
         changed: &RoaringTreemap,
     ) -> Event {
-        let (changed_extents, changed_extents_complete) = extent_summary(changed);
+        let (changed_extents, changed_extents_complete) =
+            extent_summary(changed, COMMIT_EVENT_EXTENTS);
         Event::CommitCreated {
             volume: info.volume.clone(),
             branch: info.branch.clone(),

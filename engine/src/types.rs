@@ -367,7 +367,8 @@ pub(crate) fn now_unix() -> u64 {
     now_unix_ms() / 1000
 }
 
-pub(crate) fn now_unix_ms() -> u64 {
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -305,13 +305,6 @@ fn validate(request: &CreateHook) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Hooks {
     /// The hooks stored in the pool, with their delivery tasks started (when a runtime runs).
     pub fn start(pool: Pool) -> Hooks {
@@ -388,7 +381,7 @@ impl Hooks {
             secret: request.secret,
             timeout_ms: request.timeout_ms.unwrap_or(TIMEOUT_MS_DEFAULT),
             allow_on_timeout: request.allow_on_timeout,
-            created_unix: now_ms() / 1000,
+            created_unix: grove_engine::now_unix_ms() / 1000,
             start_after: pool.last_event_seq(),
         };
         Filter::new(&config)?;
@@ -702,7 +695,7 @@ enum Outcome {
 async fn deliver(config: &HookConfig, event: &LoggedEvent) -> Attempt {
     let body = serde_json::to_vec(&Event::from(event)).unwrap_or_default();
     let kind = event.event.type_name();
-    let started_unix_ms = now_ms();
+    let started_unix_ms = grove_engine::now_unix_ms();
     let started = Instant::now();
     let delivery = format!("{}:{}", config.id, event.seq);
     let outcome = call(config, kind, &delivery, &body).await;
@@ -797,39 +790,6 @@ async fn call(config: &HookConfig, kind: &str, delivery: &str, body: &[u8]) -> O
             quote(&String::from_utf8_lossy(&output.stderr)),
         ),
     }
-}
-
-/// A bitmap of blocks as byte ranges for a hook call: the first `max`, and whether that is
-/// all of them.
-pub fn extents(blocks: &grove_engine::RoaringTreemap, max: usize) -> (serde_json::Value, bool) {
-    let block = grove_engine::BLOCK_SIZE;
-    let mut ranges = Vec::new();
-    let mut run: Option<(u64, u64)> = None;
-    for b in blocks.iter() {
-        match &mut run {
-            Some((start, len)) if *start + *len == b => *len += 1,
-            _ => {
-                if let Some((start, len)) = run.replace((b, 1)) {
-                    ranges.push((start, len));
-                    if ranges.len() > max {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    if ranges.len() <= max {
-        ranges.extend(run);
-    }
-    let complete = ranges.len() <= max;
-    ranges.truncate(max);
-    let json = ranges
-        .into_iter()
-        .map(|(start, len)| {
-            serde_json::json!({"offset_bytes": start * block, "len_bytes": len * block})
-        })
-        .collect();
-    (serde_json::Value::Array(json), complete)
 }
 
 /// `sha256=HEX` of the HMAC-SHA256 of `body` keyed with `secret`.

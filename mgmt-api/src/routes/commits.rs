@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
+use grove_engine::events::extent_summary;
 use grove_engine::lineage::Direction;
 use grove_engine::{Pool, MAIN_BRANCH};
 use serde_json::json;
@@ -12,7 +13,7 @@ use serde_json::json;
 use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Acting, ApiPath, ApiQuery, JsonBody};
-use crate::hooks::{extents, Hooks};
+use crate::hooks::Hooks;
 use crate::model::{Commit, CreateCommit, LineageGraph, LineageQuery, LogQuery};
 use crate::validate;
 
@@ -52,7 +53,7 @@ pub async fn create_commit(
     let info = if hooks.has_blocking("pre-commit", &volume, Some(&branch)) {
         // Held still (writes to the branch wait) while the hooks look at it; a veto drops it.
         let candidate = pool.prepare_commit(&volume, &branch).await?;
-        let (changed_extents, complete) = extents(&candidate.changed, PRE_COMMIT_EXTENTS);
+        let (changed_extents, complete) = extent_summary(&candidate.changed, PRE_COMMIT_EXTENTS);
         let payload = json!({
             "volume": volume,
             "branch": branch,
