@@ -2,5 +2,7 @@
 //! volume is a target with one LUN, and every command turns into a call on an engine session,
 //! as in the NBD server.
 
+mod chap;
 pub mod login;
 pub mod scsi;
+pub mod text;
