@@ -45,6 +45,24 @@ impl From<IoBackend> for IoChoice {
     }
 }
 
+/// A secret from the config file: shown as `<redacted>` when the configuration is printed or
+/// logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
+}
+
 /// Everything `grove serve` needs to start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -58,9 +76,18 @@ pub struct Config {
     /// Unix socket path the NBD server also listens on. A stale socket left by an earlier run
     /// is replaced. Default: none.
     pub nbd_socket: Option<PathBuf>,
-    /// TCP address for the iSCSI target. Accepted and kept for when iSCSI is available; nothing
-    /// listens on it yet. Default: `127.0.0.1:3260`.
+    /// TCP address of the iSCSI target. Port 0 picks a free port. Default: `127.0.0.1:3260`.
     pub iscsi_listen: SocketAddr,
+    /// CHAP user name initiators must log in with (with `iscsi-chap-secret`). Default: none
+    /// (no authentication).
+    pub iscsi_chap_user: Option<String>,
+    /// CHAP secret of `iscsi-chap-user`, 12 to 255 bytes. Never printed or logged.
+    pub iscsi_chap_secret: Option<Secret>,
+    /// Mutual CHAP: the name the target answers an initiator's challenge with (with
+    /// `iscsi-mutual-chap-secret`; needs `iscsi-chap-user`). Default: none.
+    pub iscsi_mutual_chap_user: Option<String>,
+    /// Mutual CHAP secret, 12 to 255 bytes, different from `iscsi-chap-secret`.
+    pub iscsi_mutual_chap_secret: Option<Secret>,
     /// TCP address of the HTTP API. Port 0 picks a free port. Default: `127.0.0.1:8470`.
     pub api_listen: SocketAddr,
     /// Disk I/O backend: `auto`, `io-uring` or `threads`. Default: `auto`.
@@ -81,6 +108,10 @@ impl Default for Config {
             nbd_listen: localhost(NBD_PORT_DEFAULT),
             nbd_socket: None,
             iscsi_listen: localhost(ISCSI_PORT_DEFAULT),
+            iscsi_chap_user: None,
+            iscsi_chap_secret: None,
+            iscsi_mutual_chap_user: None,
+            iscsi_mutual_chap_secret: None,
             api_listen: localhost(API_PORT_DEFAULT),
             io_backend: IoBackend::Auto,
             cache_size: ByteSize(CACHE_SIZE_DEFAULT_BYTES),
@@ -104,7 +135,7 @@ pub struct ServeArgs {
     /// Also serve NBD on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
-    /// iSCSI listen address [default: 127.0.0.1:3260]; iSCSI is not available yet.
+    /// iSCSI listen address [default: 127.0.0.1:3260].
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen_address)]
     pub iscsi_listen: Option<SocketAddr>,
     /// HTTP API listen address [default: 127.0.0.1:8470].
@@ -202,7 +233,45 @@ impl Config {
         if matches!(&self.nbd_socket, Some(path) if path.as_os_str().is_empty()) {
             anyhow::bail!("nbd-socket must not be empty");
         }
+        self.iscsi_chap()?;
         Ok(())
+    }
+
+    /// The CHAP credentials initiators must present, checked for consistency.
+    pub fn iscsi_chap(&self) -> anyhow::Result<Option<grove_iscsi::ChapConfig>> {
+        let pair = |user: &Option<String>, secret: &Option<Secret>, key: &str| match (user, secret)
+        {
+            (None, None) => Ok(None),
+            (Some(user), Some(secret)) => {
+                if user.is_empty() || user.len() > 255 || user.contains('\0') {
+                    anyhow::bail!("{key}-user must be 1 to 255 bytes");
+                }
+                if secret.0.len() < 12 || secret.0.len() > 255 {
+                    anyhow::bail!("{key}-secret must be 12 to 255 bytes (RFC 7143 12.1.3)");
+                }
+                Ok(Some((user.clone(), secret.0.clone())))
+            }
+            (Some(_), None) => anyhow::bail!("{key}-user needs {key}-secret"),
+            (None, Some(_)) => anyhow::bail!("{key}-secret needs {key}-user"),
+        };
+        let one_way = pair(&self.iscsi_chap_user, &self.iscsi_chap_secret, "iscsi-chap")?;
+        let mutual = pair(
+            &self.iscsi_mutual_chap_user,
+            &self.iscsi_mutual_chap_secret,
+            "iscsi-mutual-chap",
+        )?;
+        match (one_way, mutual) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => anyhow::bail!("iscsi-mutual-chap-user needs iscsi-chap-user"),
+            (Some((_, secret)), Some((_, mutual_secret))) if secret == mutual_secret => {
+                anyhow::bail!("iscsi-mutual-chap-secret must differ from iscsi-chap-secret")
+            }
+            (Some((user, secret)), mutual) => Ok(Some(grove_iscsi::ChapConfig {
+                user,
+                secret,
+                mutual,
+            })),
+        }
     }
 
     /// How long the event log serves events.

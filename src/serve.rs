@@ -113,13 +113,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for the HTTP API on {}", config.api_listen))?;
     let api_address = api_listener.local_addr()?;
-    // iSCSI is not implemented yet: an address someone chose deserves a warning, the default
-    // only a note.
-    if config.iscsi_listen == Config::default().iscsi_listen {
-        tracing::info!(address = %config.iscsi_listen, "iSCSI is not available yet; not listening");
-    } else {
-        tracing::warn!(address = %config.iscsi_listen, "iSCSI is not available yet; not listening on iscsi-listen");
-    }
+    let iscsi_listener = TcpListener::bind(config.iscsi_listen)
+        .await
+        .with_context(|| format!("cannot listen for iSCSI on {}", config.iscsi_listen))?;
+    let iscsi_address = iscsi_listener.local_addr()?;
+    let iscsi_options = grove_iscsi::TargetOptions::default().with_chap(config.iscsi_chap()?);
 
     let mut servers: JoinSet<ServerResult> = JoinSet::new();
     let nbd_pool = pool.clone();
@@ -127,6 +125,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         (
             "NBD",
             grove_nbd_server::serve_tcp(nbd_pool, nbd_listener).await,
+        )
+    });
+    let iscsi_pool = pool.clone();
+    servers.spawn(async move {
+        (
+            "iSCSI",
+            grove_iscsi::serve_tcp(iscsi_pool, iscsi_listener, iscsi_options).await,
         )
     });
     if let Some(listener) = unix_listener {
@@ -148,12 +153,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         grove_mgmt_api::serve_with_shutdown(api_pool, api_listener, shutdown).await
     });
 
-    tracing::info!(%nbd_address, %api_address, nbd_socket = ?config.nbd_socket, "listening");
+    tracing::info!(%nbd_address, %iscsi_address, %api_address, nbd_socket = ?config.nbd_socket, "listening");
     // systemd (Type=notify): ready once the pool is open and every listener is bound.
     notify_systemd(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!(
-            "serving NBD on {nbd_address}, API on {api_address}"
+            "serving NBD on {nbd_address}, iSCSI on {iscsi_address}, API on {api_address}"
         )),
     ]);
     let _watchdog = spawn_watchdog();
@@ -162,6 +167,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ready_line(
             nbd_address,
             config.nbd_socket.as_deref(),
+            iscsi_address,
             api_address,
             &config.data_dir
         )
@@ -298,6 +304,7 @@ fn server_ended(ended: Result<ServerResult, tokio::task::JoinError>) -> anyhow::
 fn ready_line(
     nbd: SocketAddr,
     nbd_socket: Option<&Path>,
+    iscsi: SocketAddr,
     api: SocketAddr,
     data_dir: &Path,
 ) -> String {
@@ -306,7 +313,7 @@ fn ready_line(
         line.push_str(&format!(" nbd-socket={}", path.display()));
     }
     line.push_str(&format!(
-        " api=http://{api} data-dir={}",
+        " iscsi={iscsi} api=http://{api} data-dir={}",
         display_dir(data_dir).display()
     ));
     line
@@ -325,13 +332,14 @@ mod tests {
         let line = ready_line(
             "127.0.0.1:10809".parse().expect("address"),
             Some(Path::new("/run/grove.sock")),
+            "127.0.0.1:3260".parse().expect("address"),
             "127.0.0.1:8470".parse().expect("address"),
             Path::new("/nonexistent/grove-data"),
         );
         assert_eq!(
             line,
-            "grove ready: nbd=127.0.0.1:10809 nbd-socket=/run/grove.sock api=http://127.0.0.1:8470 \
-             data-dir=/nonexistent/grove-data"
+            "grove ready: nbd=127.0.0.1:10809 nbd-socket=/run/grove.sock iscsi=127.0.0.1:3260 \
+             api=http://127.0.0.1:8470 data-dir=/nonexistent/grove-data"
         );
     }
 

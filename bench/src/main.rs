@@ -110,6 +110,8 @@ fn start_grove(grove: &Path, dir: &Path, size_bytes: u64) -> Result<Server> {
             &format!("127.0.0.1:{}", free_port()?),
             "--api-listen",
             &format!("127.0.0.1:{port}"),
+            "--iscsi-listen",
+            "127.0.0.1:0",
         ])
         .arg("--nbd-socket")
         .arg(&socket)

@@ -3,6 +3,70 @@
 //! as in the NBD server.
 
 mod chap;
+mod connection;
 pub mod login;
+pub mod names;
+pub mod pdu;
+mod portal;
 pub mod scsi;
 pub mod text;
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grove_engine::Pool;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+pub use login::{ChapConfig, LoginConfig};
+pub use portal::TargetOptions;
+
+/// Serves the pool's refs as iSCSI targets on a TCP listener until accepting fails. Each
+/// connection runs in its own task.
+pub async fn serve_tcp(
+    pool: Pool,
+    listener: TcpListener,
+    options: TargetOptions,
+) -> io::Result<()> {
+    let connections = Arc::new(Semaphore::new(options.connections_max.max(1)));
+    let portal = portal::Portal::new(pool, options);
+    info!(address = ?listener.local_addr().ok(), "iSCSI target listening");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors or a connection reset before accept: wait and go on;
+                // anything else ends the listener.
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) || error.raw_os_error() == Some(24)
+                    || error.raw_os_error() == Some(23)
+                {
+                    warn!(%error, "cannot accept an iSCSI connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                return Err(error);
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!(%peer, "iSCSI connection limit reached; closing the new connection");
+            continue;
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let local = match stream.local_addr() {
+            Ok(local) => local,
+            Err(_) => continue,
+        };
+        let portal = portal.clone();
+        tokio::spawn(async move {
+            connection::serve(portal, stream, peer.to_string(), local).await;
+            drop(permit);
+        });
+    }
+}

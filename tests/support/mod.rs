@@ -219,6 +219,8 @@ pub struct Grove {
     child: Option<Child>,
     pub api_port: u16,
     pub nbd_port: u16,
+    /// The iSCSI port of the current process.
+    pub iscsi_port: u16,
     pub socket: PathBuf,
     pub log_path: PathBuf,
     generation: u32,
@@ -247,6 +249,7 @@ impl Grove {
             child: None,
             api_port: 0,
             nbd_port: 0,
+            iscsi_port: 0,
             socket: PathBuf::new(),
             log_path: PathBuf::new(),
             generation: 0,
@@ -298,6 +301,7 @@ impl Grove {
                 .path()
                 .join(format!("grove-{}.log", self.generation));
             let iscsi_port = serve_help().contains("--iscsi-listen").then(free_port);
+            self.iscsi_port = iscsi_port.unwrap_or(0);
             let log = File::create(&self.log_path).expect("create log file");
             let mut command = Command::new(grove_bin());
             command.arg("serve");
