@@ -5,6 +5,8 @@
 #
 #   qemu-io, qemu-img  (qemu-utils)     nbdinfo, nbdcopy  (libnbd-bin)
 #   fio with the nbd ioengine (fio)     nbdkit            (nbdkit)
+#   iscsi-test-cu, iscsi-inq, ... (libiscsi-bin)
+#   qemu's iSCSI driver (qemu-block-extra, the same version as qemu-utils)
 #
 # Run as root on Debian/Ubuntu, it installs whatever is missing with apt-get (and a Rust
 # toolchain with rustup if there is none). Run as another user, it lists exactly what is
@@ -29,6 +31,8 @@ REQUIRED_TOOLS=(
   "nbdinfo:libnbd-bin"
   "nbdcopy:libnbd-bin"
   "nbdkit:nbdkit"
+  "iscsi-test-cu:libiscsi-bin"
+  "iscsi-inq:libiscsi-bin"
   "fio:fio"
   "promtool:prometheus"
   "curl:curl"
@@ -79,6 +83,30 @@ fi
 # fio must have been built with libnbd: the tests use --ioengine=nbd.
 if ! fio --enghelp 2>/dev/null | grep -qx '[[:space:]]*nbd'; then
   fail "this fio ($(fio --version 2>/dev/null)) has no 'nbd' ioengine; install Debian's fio (built with libnbd) or build fio with libnbd support"
+fi
+
+# qemu's iSCSI block driver is a module of the same build as qemu-utils: install the package
+# at exactly the installed qemu-utils version (from bookworm-backports when that is where
+# qemu-utils came from), never a different qemu.
+qemu_version="$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)"
+iscsi_driver_version="$(dpkg-query -W -f='${Version}' qemu-block-extra 2>/dev/null || true)"
+if [ -n "$qemu_version" ] && [ "$iscsi_driver_version" != "$qemu_version" ]; then
+  if can_install; then
+    say "installing qemu-block-extra $qemu_version (qemu's iSCSI driver)"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y --no-install-recommends "qemu-block-extra=$qemu_version"; then
+      case "$qemu_version" in
+        *bpo12*)
+          echo "deb http://deb.debian.org/debian bookworm-backports main" \
+            > /etc/apt/sources.list.d/grove-test-backports.list
+          apt-get update
+          apt-get install -y --no-install-recommends "qemu-block-extra=$qemu_version" ;;
+        *) fail "cannot install qemu-block-extra $qemu_version" ;;
+      esac
+    fi
+  else
+    fail "qemu's iSCSI driver is missing: install qemu-block-extra=$qemu_version"
+  fi
 fi
 
 # --- 2. Rust toolchain --------------------------------------------------------------------

@@ -664,22 +664,13 @@ impl Connection {
             None
         };
         if let Some(response) = refused {
-            self.tasks.insert(
-                itt,
-                Task::Running {
-                    aborted: Arc::new(AtomicBool::new(false)),
-                },
-            );
-            let done = Finished {
+            let finished = Finished {
                 itt,
                 lun_field,
                 windowed,
                 r2t_count: 0,
             };
-            let (out, window, completions, params) = self.task_context();
-            tokio::spawn(async move {
-                finish(done, response, &out, &window, &completions, &params, None).await;
-            });
+            self.answer_now(finished, response);
             return Ok(());
         }
         gathering.data.reserve_exact(expected_out as usize);
@@ -807,10 +798,27 @@ impl Connection {
             }
         };
         if !in_order {
-            return Err(self.protocol_error(
-                &request,
-                format!("Data-Out out of sequence for task {itt:#x} (DataSN {data_sn}, offset {offset})"),
-            ));
+            // The command ends with an error and the connection goes on: the initiator
+            // learns which command failed, and Data-Out still in flight for it is dropped.
+            debug!(
+                itt,
+                data_sn, offset, "Data-Out out of sequence; command ended"
+            );
+            if let Some(Task::Gathering(gathering)) = self.tasks.remove(&itt) {
+                self.leave_solicit(itt, gathering.solicit);
+                let finished = Finished {
+                    itt,
+                    lun_field: gathering.lun_field,
+                    windowed: gathering.windowed,
+                    r2t_count: gathering.r2t_count,
+                };
+                // ABORTED COMMAND, DATA PHASE ERROR (SPC-4 annex D).
+                self.answer_now(
+                    finished,
+                    scsi::check_condition(SenseKey::AbortedCommand, 0x4b, 0x00),
+                );
+            }
+            return self.solicit_next();
         }
         gathering.data.extend_from_slice(&request.data);
         let burst_done = gathering
@@ -878,6 +886,29 @@ impl Connection {
                 &completions,
                 &params,
                 Some(&aborted),
+            )
+            .await;
+        });
+    }
+
+    /// Answers a command without executing it (refused, or its data went wrong).
+    fn answer_now(&mut self, finished: Finished, response: Response) {
+        self.tasks.insert(
+            finished.itt,
+            Task::Running {
+                aborted: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        let (out, window, completions, params) = self.task_context();
+        tokio::spawn(async move {
+            finish(
+                finished,
+                response,
+                &out,
+                &window,
+                &completions,
+                &params,
+                None,
             )
             .await;
         });
