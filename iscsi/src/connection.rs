@@ -132,6 +132,8 @@ where
         %peer,
         initiator = %negotiated.initiator_name,
         target = negotiated.target_name.as_deref().unwrap_or("(discovery)"),
+        header_digest = negotiated.params.header_digest,
+        data_digest = negotiated.params.data_digest,
         "iSCSI session started"
     );
 
