@@ -50,9 +50,9 @@ impl SpaceAllocator {
         self.used
     }
 
-    /// Units inside the file that are free.
+    /// Units inside the file that are free: everything below the end not in use (O(1)).
     pub fn free_inside(&self) -> u64 {
-        self.free.values().sum()
+        self.end - self.first - self.used
     }
 
     pub fn end(&self) -> u64 {
@@ -172,8 +172,10 @@ mod tests {
         assert_eq!(a.alloc(4), (5, 4));
         a.free(1, 2);
         assert_eq!(a.alloc(8), (1, 2));
+        assert_eq!(a.free_inside(), a.free.values().sum::<u64>());
         a.free(5, 4);
         assert_eq!(a.end(), 5);
+        assert_eq!(a.free_inside(), a.free.values().sum::<u64>());
         a.free(1, 2);
         a.free(3, 2);
         assert_eq!(a.end(), 1);
@@ -187,6 +189,7 @@ mod tests {
         assert_eq!(a.used(), 4);
         assert_eq!(a.end(), 10);
         assert_eq!(a.free_inside(), 5);
+        assert_eq!(a.free_inside(), a.free.values().sum::<u64>());
         assert_eq!(a.alloc_contiguous(3), 6);
         assert_eq!(a.alloc(10), (3, 2));
     }

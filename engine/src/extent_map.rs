@@ -40,6 +40,14 @@ pub struct MapReader<'a> {
 
 impl MapReader<'_> {
     /// Extents overlapping `[from, to)`, clipped to it, in order.
+    /// Levels of the map at `root` (1 for an empty map or a single leaf).
+    pub fn height(&mut self, root: u64) -> Result<u64> {
+        if root == 0 {
+            return Ok(1);
+        }
+        Ok(self.store.get(root)?.level as u64 + 1)
+    }
+
     pub fn lookup(&mut self, root: u64, from: u64, to: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
         if root == 0 || from >= to {

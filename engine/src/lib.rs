@@ -41,8 +41,12 @@ pub(crate) mod allocator;
 pub(crate) mod catalog;
 pub(crate) mod extent_map;
 pub mod format;
+/// Wrappers around private decoders for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod grace;
 pub mod io;
 pub(crate) mod meta;
 pub(crate) mod range_lock;
 pub(crate) mod rewrite;
+pub(crate) mod space;

@@ -22,6 +22,7 @@ use crate::pool::{
 };
 use crate::rewrite::{free_blob, write_bitmap};
 use crate::session::segments;
+use crate::space::{replace_pages_max, META_RESERVE_PAGES};
 use crate::types::*;
 use tokio::sync::OwnedRwLockWriteGuard;
 
@@ -310,8 +311,16 @@ impl Pool {
                     head.record.base_gen = target.gen;
                 } else {
                     let (root, exclusive_since) = (head.record.root, head.record.exclusive_since);
-                    let root = graft(st, &volume, root, exclusive_since, target.root, &take)
-                        .map_err(|e| failing.fail_meta(e))?;
+                    let root = graft(
+                        st,
+                        &volume,
+                        root,
+                        exclusive_since,
+                        target.root,
+                        &take,
+                        blob_pages(&take),
+                    )
+                    .map_err(|e| refused_or_failed(&failing, e))?;
                     let bitmap = write_bitmap(st, &take).map_err(|e| failing.fail_meta(e))?;
                     let size_bytes = st.catalog.volume(&volume)?.size_bytes;
                     let info = CommitInfo {
@@ -372,6 +381,12 @@ impl Pool {
 
 /// Replaces the blocks `take` of the map at `root` with the extents `from` maps there,
 /// shared as they are (birth included: the head owns none of them). Returns the new root.
+///
+/// Before it changes anything it makes sure the metadata pages it needs, and `blob_pages` for
+/// the bitmaps written after it, are set aside (`space.rs`): `NoSpace` then changes nothing.
+/// The bound counts every change as its own replace, capped at half the metadata reserve
+/// (changes in one generation share the nodes they copy); a graft beyond it on a full file
+/// system may still fail the pool.
 fn graft(
     st: &mut State,
     volume: &str,
@@ -379,13 +394,28 @@ fn graft(
     exclusive_since: u64,
     from: u64,
     take: &RoaringTreemap,
+    blob_pages: u64,
 ) -> Result<u64> {
-    for (start, len) in runs(take).collect::<Vec<_>>() {
+    let mut plan = Vec::new();
+    for (start, len) in runs(take) {
         let end = start + len;
         let theirs = MapReader {
             store: &mut st.meta,
         }
         .lookup(from, start, end)?;
+        plan.push((start, end, theirs));
+    }
+    let changes: u64 = plan
+        .iter()
+        .map(|(_, _, theirs)| 1 + theirs.len() as u64)
+        .sum();
+    let height = MapReader {
+        store: &mut st.meta,
+    }
+    .height(root)?;
+    let nodes = (changes * replace_pages_max(height)).min(META_RESERVE_PAGES / 2);
+    st.meta.reserve_pages(nodes, blob_pages)?;
+    for (start, end, theirs) in plan {
         let mut writer = MapWriter {
             store: &mut st.meta,
             exclusive_since,
@@ -398,6 +428,22 @@ fn graft(
         st.release_extents(volume, &removed, exclusive_since);
     }
     Ok(root)
+}
+
+/// Metadata pages a bitmap's blob takes.
+fn blob_pages(bitmap: &RoaringTreemap) -> u64 {
+    (bitmap.serialized_size() as u64)
+        .div_ceil(crate::format::PAGE_SIZE as u64)
+        .max(1)
+}
+
+/// `NoSpace` from a check made before anything changed refuses the operation; any other
+/// failure of a metadata change fails the pool.
+fn refused_or_failed(failing: &PoolInner, err: Error) -> Error {
+    match err {
+        Error::NoSpace => err,
+        err => failing.fail_meta(err),
+    }
 }
 
 /// Refuses what would leave a merge branch's state behind or make it wrong.
@@ -447,8 +493,9 @@ impl Pool {
                 let gen = st.meta.gen;
                 // Nodes written now are the merge branch's own; every grafted extent was born
                 // before and stays shared.
-                let root = graft(st, &volume, root, gen, theirs_root, &plan.take)
-                    .map_err(|e| failing.fail_meta(e))?;
+                let blobs = blob_pages(&plan.take) + blob_pages(&plan.conflicts);
+                let root = graft(st, &volume, root, gen, theirs_root, &plan.take, blobs)
+                    .map_err(|e| refused_or_failed(&failing, e))?;
                 state.taken = write_bitmap(st, &plan.take).map_err(|e| failing.fail_meta(e))?;
                 state.conflicts =
                     write_bitmap(st, &plan.conflicts).map_err(|e| failing.fail_meta(e))?;
@@ -567,7 +614,9 @@ impl Pool {
                 }
                 st.catalog.commit_required(&state.theirs)?;
                 let gen = st.meta.gen;
-                let bitmap = write_bitmap(st, &changed).map_err(|e| failing.fail_meta(e))?;
+                // Nothing has changed yet: no space for the bitmap refuses the conclusion cleanly.
+                let bitmap =
+                    write_bitmap(st, &changed).map_err(|e| refused_or_failed(&failing, e))?;
                 // Who resolved the conflicts on the merge branch.
                 let lineage = st.take_lineage(id, Vec::new())?;
                 let info = CommitInfo {

@@ -17,6 +17,7 @@ use crate::allocator::SpaceAllocator;
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::io::{self, FileKind, IoBackend};
+use crate::space::{set_aside, META_RESERVE_PAGES};
 
 /// Where an extent's blocks are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -261,6 +262,9 @@ pub struct MetaStore {
     pub pending_pages: Vec<PendingFree>,
     /// The current generation: nodes born in it are mutable.
     pub gen: u64,
+    /// `meta.grove` is set aside on the file system below this page (`space.rs`): pages
+    /// below it can be written without running out of space. `None` where not supported.
+    pub reserved_end_pages: Option<u64>,
 }
 
 impl MetaStore {
@@ -281,7 +285,59 @@ impl MetaStore {
             pages,
             pending_pages: Vec::new(),
             gen,
+            reserved_end_pages: None,
         }
+    }
+
+    /// Makes sure `nodes` node pages and one blob of `blob_pages` contiguous pages can be
+    /// allocated and written without the file system running out, topping up the reserve
+    /// when they would not fit. `NoSpace` before anything is allocated when it cannot.
+    pub fn reserve_pages(&mut self, nodes: u64, blob_pages: u64) -> Result<()> {
+        // Nodes take free pages inside the file first; a blob may need the end.
+        let need_end =
+            self.pages.end() + blob_pages + nodes.saturating_sub(self.pages.free_inside());
+        self.cover(need_end)
+    }
+
+    /// Makes sure every page below `need_end` is set aside.
+    fn cover(&mut self, need_end: u64) -> Result<()> {
+        let Some(reserved) = self.reserved_end_pages else {
+            return Ok(());
+        };
+        if need_end <= reserved {
+            return Ok(());
+        }
+        let want_end = need_end.max(self.pages.end() + META_RESERVE_PAGES);
+        self.set_aside(reserved, need_end, want_end)
+    }
+
+    /// Tops the reserve up to full when less than half of it is left beyond the last page in
+    /// use; `NoSpace` when the file system cannot give back at least half (`space.rs`).
+    pub fn top_up_reserve(&mut self) -> Result<()> {
+        let Some(reserved) = self.reserved_end_pages else {
+            return Ok(());
+        };
+        let half_end = self.pages.end() + META_RESERVE_PAGES / 2;
+        if reserved >= half_end {
+            return Ok(());
+        }
+        self.set_aside(reserved, half_end, self.pages.end() + META_RESERVE_PAGES)
+    }
+
+    fn set_aside(&mut self, reserved: u64, need_end: u64, want_end: u64) -> Result<()> {
+        let page = PAGE_SIZE as u64;
+        let end = set_aside(
+            &*self.backend,
+            FileKind::Meta,
+            reserved * page,
+            (need_end - reserved) * page,
+            (want_end - reserved) * page,
+            true,
+        )?;
+        if let Some(end) = end {
+            self.reserved_end_pages = Some(end / page);
+        }
+        Ok(())
     }
 
     /// Reads a node without caching it (for whole-pool walks that would flush the cache).
@@ -445,6 +501,10 @@ impl MetaStore {
     pub fn write_blob(&mut self, bytes: &[u8]) -> Result<u64> {
         let pages = (bytes.len() as u64).div_ceil(PAGE_SIZE as u64).max(1);
         let start = self.pages.alloc_contiguous(pages);
+        if let Err(err) = self.cover(start + pages) {
+            self.pages.free(start, pages);
+            return Err(err);
+        }
         let mut buf = bytes.to_vec();
         buf.resize((pages as usize) * PAGE_SIZE, 0);
         if let Err(err) = io::write_blocking(

@@ -25,6 +25,7 @@ use crate::merge::refuse_merge_branch;
 use crate::meta::{MetaStore, PendingFree, Target};
 use crate::rewrite::free_blob;
 use crate::session::{AtomicCounters, Session, SessionClient, SessionInfo, SessionTarget};
+use crate::space::JOURNAL_RECORD_ROOM_BYTES;
 use crate::types::*;
 
 /// Which disk I/O backend to use.
@@ -83,6 +84,9 @@ pub(crate) struct State {
     pub first_session_id: u64,
     /// The torn journal tail found at open (cut, unless a check left it in place).
     pub torn_journal_bytes: u64,
+    /// How far the data file and the journal are set aside on the file system (`space.rs`);
+    /// `None` where that is not supported, or in a check that must write nothing.
+    pub reserved: Option<crate::space::Reserved>,
 }
 
 /// A commit being checked (`Pool::prepare_commit`).
@@ -261,12 +265,15 @@ impl Pool {
         cut_torn_tail: bool,
     ) -> Result<Pool> {
         let poisoned = Arc::new(AtomicBool::new(false));
-        let (state, event_index) = recover_with(
+        let (mut state, event_index) = recover_with(
             &backend,
             (cache_bytes / PAGE_SIZE as u64) as usize,
             &poisoned,
             cut_torn_tail,
         )?;
+        if cut_torn_tail {
+            state.reserve_at_open(&*backend)?;
+        }
         let first_session_id = state.first_session_id;
         let inner = PoolInner {
             events: EventBus::default(),
@@ -328,7 +335,8 @@ impl Pool {
             .as_deref()
             .and_then(|d| io::fs_available_bytes(d).ok())
             .unwrap_or(0);
-        let free_bytes = st.data.free_inside() * BLOCK_SIZE + fs_free;
+        let free_bytes =
+            st.data.free_inside() * BLOCK_SIZE + st.data_reserved_free_bytes() + fs_free;
         Ok(PoolStats {
             capacity_bytes: used_bytes + free_bytes,
             used_bytes,
@@ -1142,7 +1150,7 @@ impl PoolInner {
     /// Makes every acknowledged write durable.
     pub(crate) async fn flush(self: &Arc<Self>) -> Result<()> {
         let inner = self.clone();
-        run_blocking(move || inner.sync(None, |_| Ok((Vec::new(), Vec::new())))).await
+        run_blocking(move || inner.sync_writes(|_| Ok((Vec::new(), Vec::new())))).await
     }
 
     /// Applies a catalog change and makes it durable with a sync point that logs its events
@@ -1192,10 +1200,38 @@ impl PoolInner {
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
     {
+        self.sync_point(actor, f, true)
+    }
+
+    /// A sync point whose `f` changes nothing (a flush, a scan's snapshot): it makes the
+    /// acknowledged writes durable, and still can when the journal has no room left, as long as
+    /// there is nothing to record.
+    pub(crate) fn sync_writes<F>(&self, f: F) -> Result<()>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
+    {
+        self.sync_point(None, f, false)
+    }
+
+    fn sync_point<F>(&self, actor: Option<Arc<str>>, f: F, changes: bool) -> Result<()>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
+    {
         self.check_writable()?;
         let _sync = self.sync_lock.lock();
         let snapshot = {
             let mut st = self.state.lock();
+            // Room for the record is made sure of before anything changes: without it the
+            // change is refused and the pool stays as it was (`space.rs`).
+            if let Err(err) = st.reserve_journal(&*self.backend, JOURNAL_RECORD_ROOM_BYTES) {
+                let nothing_to_record = !changes
+                    && st.dirty_heads.is_empty()
+                    && st.meta.dirty_pages() == 0
+                    && st.pending_events.is_empty();
+                if !nothing_to_record {
+                    return Err(err);
+                }
+            }
             let (ops, events) = f(&mut st)?;
             let events = st.number_events(events, actor);
             if ops.is_empty()
@@ -1205,6 +1241,10 @@ impl PoolInner {
             {
                 None
             } else {
+                // Every page about to be written was set aside when it was allocated; this only
+                // matters after a change that went past its bound (a large merge), and if the
+                // file system has no room for it, the write below fails the pool.
+                let _ = st.meta.reserve_pages(0, 0);
                 st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
                 let gen = st.meta.gen;
                 st.meta.gen += 1;
@@ -1223,6 +1263,11 @@ impl PoolInner {
                 }
                 let Record::Sync { events, .. } = record;
                 let framed = encode_record(&payload);
+                if framed.len() as u64 > JOURNAL_RECORD_ROOM_BYTES {
+                    // A large record asks for its room now; without it the append below fails,
+                    // and with it the pool.
+                    let _ = st.reserve_journal(&*self.backend, framed.len() as u64);
+                }
                 let at = st.journal_end;
                 st.journal_end += framed.len() as u64;
                 Some((framed, gen, at, events))
@@ -1681,6 +1726,7 @@ pub(crate) fn recover_with(
             job_clock: 0,
             first_session_id,
             torn_journal_bytes,
+            reserved: None,
         },
         event_index,
     ))
@@ -1736,6 +1782,7 @@ fn create(
         job_clock: 0,
         first_session_id: 1,
         torn_journal_bytes: 0,
+        reserved: None,
     })
 }
 
@@ -1797,6 +1844,10 @@ impl Candidate {
                 head.changed
                     .serialize_into(&mut bitmap)
                     .map_err(Error::Io)?;
+                // First, before anything changes: with no space for it the commit is refused
+                // cleanly (`NoSpace`), and a blob left unreferenced by a later failure is
+                // merely free space the next scan finds.
+                let page = st.meta.write_blob(&bitmap)?;
                 let lineage = st.take_lineage(head_id, named)?;
                 let head = st.catalog.head(head_id)?;
                 let info = CommitInfo {
@@ -1813,7 +1864,6 @@ impl Candidate {
                     lineage,
                 };
                 let root = head.record.root;
-                let page = st.meta.write_blob(&bitmap)?;
                 let blob = BlobRef {
                     page,
                     len_bytes: bitmap.len() as u64,

@@ -254,7 +254,7 @@ impl Pool {
         run_blocking(move || {
             let report = scan(&inner)?;
             // The sweep's frees become reusable at this sync point.
-            inner.sync(None, |_| Ok((Vec::new(), Vec::new())))?;
+            inner.sync_writes(|_| Ok((Vec::new(), Vec::new())))?;
             *inner.space.lock() = Some(report.clone());
             drop(one_at_a_time);
             tracing::info!(
@@ -314,7 +314,7 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
     // Every data block allocated before tracking began is mapped or freed once this returns.
     inner.grace.synchronize();
     let mut snapshot = None;
-    inner.sync(None, |st| {
+    inner.sync_writes(|st| {
         snapshot = Some(roots(st));
         Ok((Vec::new(), Vec::new()))
     })?;

@@ -17,6 +17,7 @@ use crate::meta::Target;
 use crate::metrics::RequestOp;
 use crate::pool::PoolInner;
 use crate::range_lock::RangeLock;
+use crate::space::replace_pages_max;
 use crate::types::{ResolvedRef, BLOCK_SIZE};
 
 /// Who opened a session, for lineage and `grove sessions`.
@@ -519,6 +520,12 @@ impl Session {
                     len -= got;
                 }
             }
+            // New blocks past the end of what the file system set aside grow the data file
+            // first; if it cannot grow, the write fails here, before anything is written.
+            if let Err(err) = st.reserve_data(&*self.pool.backend) {
+                free_fresh(&mut st, &runs);
+                return Err(err);
+            }
             (exclusive_since, volume, self.pool.grace.enter())
         };
         let pieces: Vec<Piece> = runs
@@ -538,11 +545,7 @@ impl Session {
         let mut st = self.pool.state.lock();
         if let Some(err) = failure {
             // The new blocks were never mapped: nothing references them.
-            for &(_, len, p, fresh) in &runs {
-                if fresh {
-                    st.data.free(p, len);
-                }
-            }
+            free_fresh(&mut st, &runs);
             let err = Error::from_io(err);
             if !matches!(err, Error::NoSpace) {
                 self.pool.poison(&err);
@@ -550,6 +553,21 @@ impl Session {
             return Err(err);
         }
         let mut root = st.catalog.head(head_id)?.record.root;
+        // The mapping's worst case in metadata pages must fit what is set aside: if not, the
+        // write fails with its new blocks unmapped and the map unchanged.
+        let fresh_runs = runs.iter().filter(|run| run.3).count() as u64;
+        let height = MapReader {
+            store: &mut st.meta,
+        }
+        .height(root)
+        .map_err(|e| self.pool.fail_meta(e))?;
+        if let Err(err) = st
+            .meta
+            .reserve_pages(fresh_runs * replace_pages_max(height), 0)
+        {
+            free_fresh(&mut st, &runs);
+            return Err(err);
+        }
         let mut mapped = 0;
         for &(l, len, p, fresh) in &runs {
             if fresh {
@@ -694,6 +712,14 @@ impl Session {
         );
         let has_history = head.record.base.is_some();
         let target = has_history.then_some(Target::Zero);
+        // A trim frees space but needs metadata pages itself: refused cleanly when even the
+        // reserve has none left (`space.rs`).
+        let height = MapReader {
+            store: &mut st.meta,
+        }
+        .height(root)
+        .map_err(|e| self.pool.fail_meta(e))?;
+        st.meta.reserve_pages(replace_pages_max(height), 0)?;
         let mut writer = MapWriter {
             store: &mut st.meta,
             exclusive_since,
@@ -782,6 +808,15 @@ impl Session {
             }
         }
         Ok(out)
+    }
+}
+
+/// Gives back the new blocks of a write that is not mapped: nothing references them.
+fn free_fresh(st: &mut crate::pool::State, runs: &[(u64, u64, u64, bool)]) {
+    for &(_, len, p, fresh) in runs {
+        if fresh {
+            st.data.free(p, len);
+        }
     }
 }
 

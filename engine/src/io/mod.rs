@@ -112,6 +112,17 @@ pub trait IoBackend: Send + Sync + 'static {
     /// Shortens or extends a file (used to cut a torn journal tail).
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()>;
 
+    /// Makes the file system set aside blocks for `len` bytes of `file` from `offset`
+    /// (`fallocate`), so that later writes there cannot fail for lack of space. With
+    /// `keep_size` the file's length is left as it is (the blocks wait beyond its end until
+    /// writes reach them); without it the file is extended to cover the range. Blocks already
+    /// set aside cost nothing more. A failure may leave part of the range set aside.
+    /// `ErrorKind::Unsupported` where the backend or the file system cannot (see `space.rs`).
+    fn allocate(&self, file: FileKind, offset: u64, len: u64, keep_size: bool) -> io::Result<()> {
+        let _ = (file, offset, len, keep_size);
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// Reads the pieces on the calling thread if, and only if, every byte is already in the
     /// page cache: never blocks. `None` means "not all cached (or not supported): submit it".
     /// Cached reads then run on every core instead of queueing behind one ring thread.
@@ -273,6 +284,44 @@ pub fn open_backend(dir: &Path, choice: BackendChoice) -> io::Result<Arc<dyn IoB
                 Ok(Arc::new(threads::ThreadsBackend::new(open_files(dir)?)))
             }
         },
+    }
+}
+
+/// `fallocate` on a pool file (see `IoBackend::allocate`); "not supported" errors come back as
+/// `ErrorKind::Unsupported`.
+#[allow(unsafe_code)]
+pub(crate) fn fallocate(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    keep_size: bool,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "range beyond the largest file offset",
+        ));
+    };
+    let mode = if keep_size {
+        libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        0
+    };
+    loop {
+        // SAFETY: fallocate touches no memory of ours; the descriptor belongs to `file`, which
+        // is borrowed for the whole call.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, err))
+            }
+            _ => return Err(err),
+        }
     }
 }
 

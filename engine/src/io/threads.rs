@@ -157,6 +157,10 @@ impl IoBackend for ThreadsBackend {
         self.files[file as usize].set_len(len)
     }
 
+    fn allocate(&self, file: FileKind, offset: u64, len: u64, keep_size: bool) -> io::Result<()> {
+        super::fallocate(&self.files[file as usize], offset, len, keep_size)
+    }
+
     fn read_cached(
         &self,
         file: FileKind,
