@@ -5,19 +5,22 @@
 use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use grove_engine::Pool;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ServeArgs};
 
 /// How long requests in flight on the API may take to finish once shutdown starts.
 const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long NBD and iSCSI sessions may take at shutdown to answer the requests they have.
+const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long blocking tasks may run on after the pool is flushed, before the process exits.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -117,14 +120,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for iSCSI on {}", config.iscsi_listen))?;
     let iscsi_address = iscsi_listener.local_addr()?;
-    let iscsi_options = grove_iscsi::TargetOptions::default().with_chap(config.iscsi_chap()?);
+    // Turns true at shutdown: the protocol servers stop reading requests, answer those they
+    // have, flush and close their sessions.
+    let (stop_servers, stop) = watch::channel(false);
+    let iscsi_options = grove_iscsi::TargetOptions::default()
+        .with_chap(config.iscsi_chap()?)
+        .with_stop(stop.clone());
+    let mut nbd_options = grove_nbd_server::ServerOptions::default();
+    nbd_options.stop = Some(stop);
+    let nbd_provider = Arc::new(grove_nbd_server::PoolProvider::new(pool.clone()));
 
     let mut servers: JoinSet<ServerResult> = JoinSet::new();
-    let nbd_pool = pool.clone();
+    let (tcp_provider, tcp_options) = (nbd_provider.clone(), nbd_options.clone());
     servers.spawn(async move {
         (
             "NBD",
-            grove_nbd_server::serve_tcp(nbd_pool, nbd_listener).await,
+            grove_nbd_server::serve_tcp_with(tcp_provider, nbd_listener, tcp_options).await,
         )
     });
     let iscsi_pool = pool.clone();
@@ -135,11 +146,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         )
     });
     if let Some(listener) = unix_listener {
-        let unix_pool = pool.clone();
         servers.spawn(async move {
             (
                 "NBD Unix socket",
-                grove_nbd_server::serve_unix(unix_pool, listener).await,
+                grove_nbd_server::serve_unix_with(nbd_provider, listener, nbd_options).await,
             )
         });
     }
@@ -184,10 +194,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("stopping: draining requests and flushing the pool"),
     ]);
-    // Stop accepting: the API drains its requests in flight; the NBD listeners are dropped.
+    // Stop accepting: the API drains its requests in flight; NBD and iSCSI sessions answer
+    // the requests they have read, flush and close (clients see their connection close and
+    // resend the rest to whatever serves the volume next).
     let _ = api_stop.send(());
-    servers.abort_all();
-    while servers.join_next().await.is_some() {}
+    let _ = stop_servers.send(true);
+    let drained = tokio::time::timeout(SESSION_DRAIN_TIMEOUT, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "sessions still busy after {SESSION_DRAIN_TIMEOUT:?}; closing them (their requests in flight are not answered)"
+        );
+        servers.abort_all();
+        while servers.join_next().await.is_some() {}
+    } else {
+        tracing::info!("NBD and iSCSI sessions drained and closed");
+    }
     if !api.is_finished() {
         match tokio::time::timeout(API_DRAIN_TIMEOUT, &mut api).await {
             Ok(Ok(Err(error))) => tracing::warn!(%error, "the HTTP API stopped with an error"),

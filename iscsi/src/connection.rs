@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -66,11 +66,14 @@ where
     let (reader, writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, reader);
     let mut writer = BufWriter::with_capacity(IO_BUFFER_BYTES, writer);
-    let login = tokio::time::timeout(
-        portal.options.login_timeout,
-        login(&portal, &mut reader, &mut writer),
-    )
-    .await;
+    let login = tokio::select! {
+        // Nothing is in flight before full feature phase: the connection simply closes.
+        _ = crate::portal::stop_requested(&portal.options.stop) => return,
+        login = tokio::time::timeout(
+            portal.options.login_timeout,
+            login(&portal, &mut reader, &mut writer),
+        ) => login,
+    };
     let logged_in = match login {
         Ok(Ok(Some(logged_in))) => logged_in,
         Ok(Ok(None)) => return,
@@ -372,12 +375,43 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = writer.flush().await;
 }
 
+/// Who has the last word on a running command: its own response, or an abort. Decided once,
+/// atomically, so an initiator never sees both a command's status and a successful ABORT TASK
+/// for it.
+struct Outcome(AtomicU8);
+
+impl Outcome {
+    const RUNNING: u8 = 0;
+    const ANSWERED: u8 = 1;
+    const ABORTED: u8 = 2;
+
+    fn new() -> Arc<Outcome> {
+        Arc::new(Outcome(AtomicU8::new(Outcome::RUNNING)))
+    }
+
+    /// The command's response may go out; false if it was aborted first.
+    fn answer(&self) -> bool {
+        self.settle(Outcome::ANSWERED)
+    }
+
+    /// The command is aborted: its response will not go out; false if it already went.
+    fn abort(&self) -> bool {
+        self.settle(Outcome::ABORTED)
+    }
+
+    fn settle(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Outcome::RUNNING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
 /// A SCSI command the dispatcher knows about.
 enum Task {
     /// Waiting for its write data.
     Gathering(Box<Gathering>),
     /// Executing in its own task.
-    Running { aborted: Arc<AtomicBool> },
+    Running { outcome: Arc<Outcome> },
 }
 
 struct Gathering {
@@ -476,6 +510,10 @@ impl Connection {
                     }
                 }
                 Some(itt) = completed.recv() => self.completed(itt),
+                _ = crate::portal::stop_requested(&self.portal.options.stop) => {
+                    self.drain(&mut completed).await;
+                    return Err(Fatal::Protocol("the target is stopping".into()));
+                }
                 changed = stop.changed() => {
                     if changed.is_ok() && *stop.borrow() {
                         return Err(Fatal::Protocol("session reinstated by a new login".into()));
@@ -489,6 +527,39 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Stops taking commands: those still waiting for data are dropped (never acknowledged),
+    /// running ones finish and are answered, then the unit is flushed.
+    async fn drain(&mut self, completed: &mut mpsc::UnboundedReceiver<u32>) {
+        let _ = self.abort_gathering();
+        while self
+            .tasks
+            .values()
+            .any(|task| matches!(task, Task::Running { .. }))
+        {
+            match completed.recv().await {
+                Some(itt) => self.completed(itt),
+                None => break,
+            }
+        }
+        if let Some(lun) = &self.lun {
+            if let Err(error) = lun.session().flush().await {
+                warn!(%error, "flush at stop failed");
+            }
+        }
+        info!("target stopping: commands answered and flushed; closing");
+    }
+
+    /// Drops every command still gathering data.
+    fn abort_gathering(&mut self) -> HashSet<u32> {
+        let gathering: HashSet<u32> = self
+            .tasks
+            .iter()
+            .filter(|(_, task)| matches!(task, Task::Gathering(_)))
+            .map(|(&itt, _)| itt)
+            .collect();
+        self.abort_tasks(|itt| gathering.contains(&itt))
     }
 
     fn send(&self, pdu: Pdu, stamp: Stamp) -> Result<(), Fatal> {
@@ -855,11 +926,11 @@ impl Connection {
 
     /// Runs a command whose data is complete in a task of its own.
     fn start(&mut self, itt: u32, gathering: Gathering) {
-        let aborted = Arc::new(AtomicBool::new(false));
+        let outcome = Outcome::new();
         self.tasks.insert(
             itt,
             Task::Running {
-                aborted: aborted.clone(),
+                outcome: outcome.clone(),
             },
         );
         let Some(lun) = self.lun.clone() else {
@@ -887,7 +958,7 @@ impl Connection {
                 &window,
                 &completions,
                 &params,
-                Some(&aborted),
+                Some(&outcome),
             )
             .await;
         });
@@ -898,7 +969,7 @@ impl Connection {
         self.tasks.insert(
             finished.itt,
             Task::Running {
-                aborted: Arc::new(AtomicBool::new(false)),
+                outcome: Outcome::new(),
             },
         );
         let (out, window, completions, params) = self.task_context();
@@ -1064,9 +1135,13 @@ impl Connection {
             }
             ABORT_TASK => {
                 let referenced = request.u32_at(20);
-                if self.tasks.contains_key(&referenced) {
+                let running = matches!(self.tasks.get(&referenced), Some(Task::Running { .. }));
+                let known = self.tasks.contains_key(&referenced);
+                if known {
                     tmf.waiting = self.abort_tasks(|tag| tag == referenced);
-                } else {
+                }
+                if !known || (running && tmf.waiting.is_empty()) {
+                    // Never there, or its status already went out.
                     tmf.response = TASK_DOES_NOT_EXIST;
                 }
             }
@@ -1097,8 +1172,11 @@ impl Connection {
         let tags: Vec<u32> = self.tasks.keys().copied().filter(|&t| matches(t)).collect();
         for tag in tags {
             match self.tasks.get(&tag) {
-                Some(Task::Running { aborted }) => {
-                    aborted.store(true, Ordering::Release);
+                Some(Task::Running { outcome }) => {
+                    if !outcome.abort() {
+                        // Already answered: nothing left to abort.
+                        continue;
+                    }
                     waiting.insert(tag);
                 }
                 Some(Task::Gathering(_)) => {
@@ -1159,14 +1237,14 @@ async fn finish(
     window: &Arc<Mutex<Window>>,
     completions: &mpsc::UnboundedSender<u32>,
     params: &SessionParams,
-    aborted: Option<&Arc<AtomicBool>>,
+    outcome: Option<&Arc<Outcome>>,
 ) {
     // The slot is free before the status goes out, so the status opens the window again.
     if done.windowed {
         let mut window = window.lock();
         window.in_flight = window.in_flight.saturating_sub(1);
     }
-    if !aborted.is_some_and(|a| a.load(Ordering::Acquire)) {
+    if outcome.is_none_or(|outcome| outcome.answer()) {
         for pdu in response_pdus(&done, response, params) {
             if out.send(pdu).is_err() {
                 break;

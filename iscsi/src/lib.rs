@@ -30,11 +30,18 @@ pub async fn serve_tcp(
     listener: TcpListener,
     options: TargetOptions,
 ) -> io::Result<()> {
-    let connections = Arc::new(Semaphore::new(options.connections_max.max(1)));
+    let connections_max = options.connections_max.max(1);
+    let connections = Arc::new(Semaphore::new(connections_max));
+    let stop = options.stop.clone();
     let portal = portal::Portal::new(pool, options);
     info!(address = ?listener.local_addr().ok(), "iSCSI target listening");
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = portal::stop_requested(&stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of descriptors or a connection reset before accept: wait and go on;
@@ -69,4 +76,9 @@ pub async fn serve_tcp(
             drop(permit);
         });
     }
+    // Every connection holds a permit until it has closed.
+    let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
+    let _all = connections.acquire_many(all).await;
+    info!("iSCSI target stopped; its sessions are closed");
+    Ok(())
 }

@@ -28,6 +28,10 @@ pub struct TargetOptions {
     /// An idle connection is pinged (NOP-In) after this long, and closed if the ping is not
     /// answered within as long again. Default 30 s.
     pub nop_interval: Duration,
+    /// Turns true to stop gracefully: the listener stops accepting; each session stops
+    /// taking commands, answers those it has, flushes and closes; `serve_tcp` returns once
+    /// all are closed. Default: none (serve until dropped).
+    pub stop: Option<watch::Receiver<bool>>,
 }
 
 impl Default for TargetOptions {
@@ -44,11 +48,17 @@ impl Default for TargetOptions {
             login_timeout: Duration::from_secs(30),
             queue_depth: 128,
             nop_interval: Duration::from_secs(30),
+            stop: None,
         }
     }
 }
 
 impl TargetOptions {
+    pub fn with_stop(mut self, stop: watch::Receiver<bool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
     pub fn with_chap(mut self, chap: Option<crate::login::ChapConfig>) -> Self {
         self.login.chap = chap;
         self
@@ -151,6 +161,17 @@ impl Portal {
             .map(|export| names::target_name(&export.name))
             .collect()
     }
+}
+
+/// Completes once `stop` turns true; never without one.
+pub(crate) async fn stop_requested(stop: &Option<watch::Receiver<bool>>) {
+    if let Some(stop) = stop {
+        let mut stop = stop.clone();
+        if stop.wait_for(|stopping| *stopping).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
 }
 
 impl TargetDirectory for Portal {

@@ -33,7 +33,7 @@ use std::time::Duration;
 use grove_engine::{Pool, SessionClient};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use error::Error;
@@ -65,6 +65,10 @@ pub struct ServerOptions {
     /// Connections served at once by one listener; more are closed right after accept.
     /// Default 1024; at least 1.
     pub connections_max: usize,
+    /// Turns true to stop the server gracefully: listeners stop accepting, connections stop
+    /// reading requests, finish and answer those already read, flush, and close; the serve
+    /// functions return once every connection is closed. Default: none (serve until dropped).
+    pub stop: Option<watch::Receiver<bool>>,
 }
 
 impl Default for ServerOptions {
@@ -76,8 +80,27 @@ impl Default for ServerOptions {
             in_flight_bytes_max: 64 << 20,
             reply_write_timeout: Duration::from_secs(120),
             connections_max: 1024,
+            stop: None,
         }
     }
+}
+
+/// Completes once `stop` turns true; never without one (or once its sender is gone without
+/// asking to stop).
+pub(crate) async fn stop_requested(stop: &Option<watch::Receiver<bool>>) {
+    if let Some(stop) = stop {
+        let mut stop = stop.clone();
+        if stop.wait_for(|stopping| *stopping).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// Waits until every connection of a listener has closed (each holds a permit).
+async fn drained(connections: &Semaphore, connections_max: usize) {
+    let all = u32::try_from(connections_max).unwrap_or(u32::MAX);
+    let _all = connections.acquire_many(all).await;
 }
 
 impl ServerOptions {
@@ -136,7 +159,12 @@ pub async fn serve_tcp_with<P: ExportProvider>(
     let connections = Arc::new(Semaphore::new(options.connections_max));
     info!(address = ?listener.local_addr().ok(), "NBD server listening on TCP");
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop_requested(&options.stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 retry_accept(error).await?;
@@ -164,6 +192,9 @@ pub async fn serve_tcp_with<P: ExportProvider>(
             permit,
         ));
     }
+    drained(&connections, options.connections_max).await;
+    info!("NBD listener stopped; its connections are closed");
+    Ok(())
 }
 
 /// [`serve_unix`] for any export provider, with explicit limits.
@@ -176,7 +207,12 @@ pub async fn serve_unix_with<P: ExportProvider>(
     let connections = Arc::new(Semaphore::new(options.connections_max));
     info!(address = ?listener.local_addr().ok(), "NBD server listening on a Unix socket");
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop_requested(&options.stop) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 retry_accept(error).await?;
@@ -207,6 +243,9 @@ pub async fn serve_unix_with<P: ExportProvider>(
             permit,
         ));
     }
+    drained(&connections, options.connections_max).await;
+    info!("NBD listener stopped; its connections are closed");
+    Ok(())
 }
 
 /// Serves one connection already accepted: handshake, then transmission, until the client
@@ -229,7 +268,12 @@ where
     let options = options.as_ref().clone().clamped();
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let negotiation = handshake::negotiate(&*provider, &mut reader, &mut writer, &client, &options);
-    let negotiated = match tokio::time::timeout(options.handshake_timeout, negotiation).await {
+    let negotiated = tokio::select! {
+        // A client still negotiating has nothing in flight: it is simply closed.
+        _ = stop_requested(&options.stop) => return Ok(()),
+        negotiated = tokio::time::timeout(options.handshake_timeout, negotiation) => negotiated,
+    };
+    let negotiated = match negotiated {
         Ok(result) => result?,
         Err(_) => return Err(Error::HandshakeTimeout(options.handshake_timeout)),
     };

@@ -25,7 +25,7 @@ use std::time::Duration;
 use grove_engine::{BlockStatus, ReadChunk, ZeroMode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, trace, Instrument};
+use tracing::{debug, info, trace, Instrument};
 
 use crate::error::{errno, Error};
 use crate::export::ExportHandle;
@@ -741,6 +741,8 @@ async fn read<H: ExportHandle>(
 enum Ending {
     /// `NBD_CMD_DISC`.
     Disconnect,
+    /// The server is stopping (see `ServerOptions::stop`).
+    Stopping,
     /// End of stream between requests (a hard disconnect by the client).
     EndOfStream,
     /// The writer stopped (socket error or reply timeout); its result says why.
@@ -785,6 +787,9 @@ where
         let header = tokio::select! {
             biased;
             _ = reply_tx.closed() => break Ending::WriterStopped,
+            // Requests not yet read were never acknowledged: the client resends them to
+            // whatever serves the export next.
+            _ = crate::stop_requested(&options.stop) => break Ending::Stopping,
             header = read_request(reader, view.mode) => header,
         };
         let header = match header {
@@ -886,7 +891,7 @@ where
     // until then. The semaphore is never closed, so this cannot fail.
     let all_slots = u32::try_from(slots_max).unwrap_or(u32::MAX);
     let _drained = slots.acquire_many(all_slots).await;
-    if matches!(ending, Ending::Disconnect) && !view.read_only {
+    if matches!(ending, Ending::Disconnect | Ending::Stopping) && !view.read_only {
         if let Err(error) = export.handle.flush().await {
             debug!(%error, "flush at disconnect failed");
         }
@@ -904,6 +909,10 @@ where
     match ending {
         Ending::Disconnect => {
             debug!("client disconnected");
+            written
+        }
+        Ending::Stopping => {
+            info!("server stopping: requests answered and flushed; closing");
             written
         }
         Ending::EndOfStream => {

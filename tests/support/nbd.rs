@@ -121,6 +121,14 @@ impl Conn {
         }
     }
 
+    /// A second handle on the same connection, to read replies while another thread sends.
+    pub fn try_clone(&self) -> Conn {
+        Conn {
+            stream: self.stream.try_clone().expect("clone the NBD socket"),
+            next_handle: self.next_handle,
+        }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes)
     }
