@@ -17,6 +17,7 @@
 #   GROVE_TEST_NO_INSTALL=1   never install anything, only report what is missing
 #   CARGO_TEST_ARGS="..."     extra arguments for `cargo test` (e.g. a test name filter)
 #   GROVE_TEST_STEP_TIMEOUT_SECONDS=600    time limit of each test step
+#   GROVE_TEST_NO_FUZZ=1      skip the short fuzz run
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -195,6 +196,11 @@ step "tests: library crates" \
 step "tests: grove + end-to-end" \
   timeout --kill-after=30 "$TEST_STEP_TIMEOUT_SECONDS" \
   cargo test -p grove --locked --no-fail-fast ${CARGO_TEST_ARGS:-}
+# Coverage-guided fuzzing, short: every target of fuzz/ for 15 s (scripts/fuzz.sh runs longer
+# campaigns). Skipped when only some tests were asked for, or with GROVE_TEST_NO_FUZZ=1.
+if [ -z "${CARGO_TEST_ARGS:-}" ] && [ "${GROVE_TEST_NO_FUZZ:-0}" != 1 ]; then
+  step "fuzz (15 s per target)" timeout --kill-after=30 1500 scripts/fuzz.sh --quick
+fi
 
 echo
 echo "==================== grove test summary ===================="

@@ -82,3 +82,15 @@ pub async fn serve_tcp(
     info!("iSCSI target stopped; its sessions are closed");
     Ok(())
 }
+
+/// Serves one connection given as a byte stream (login, then its session) until the stream
+/// ends, with the pool's refs as targets. For fuzzing and tests; servers use [`serve_tcp`].
+#[doc(hidden)]
+pub async fn serve_stream<S>(pool: Pool, options: TargetOptions, stream: S, peer: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let portal = portal::Portal::new(pool, options);
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 3260));
+    connection::serve(portal, stream, peer, local).await;
+}
