@@ -227,6 +227,8 @@ fn merges_fast_forward_clean_and_conflicting_with_every_strategy() {
     assert!(text.contains("fast-forwarded"), "{text}");
     assert_eq!(head_commit(&grove, "mv", "main"), a1);
     assert_pattern(&uri("mv"), 0xa1, MIB, 64 * KIB);
+    // The reader's session closes after qemu-io exits; merges into main wait for that.
+    grove.wait_no_sessions();
     let again = grove.cli_json(&["merge", "mv", "--from", "mv@a", "--into", "main"]);
     assert_eq!(again["outcome"], "up_to_date");
     assert!(grove

@@ -414,7 +414,9 @@ fn conformance_suite_passes_every_test_tgt_passes() {
         "SCSI.ReadOnly skipped on a commit\n{}",
         read_only.report()
     );
-    let multipath_url = iscsi_uri(&grove, "ro");
+    // On a fresh volume: the test compares block 256, past the 256 blocks it initialises.
+    grove.create_volume("mp", "64MiB");
+    let multipath_url = iscsi_uri(&grove, "mp");
     let multipath = libiscsi(
         "iscsi-test-cu",
         &[
