@@ -3,6 +3,12 @@
 //! versioning) on Unix sockets, runs the same fio jobs (`ioengine=nbd`) against each,
 //! interleaved, and prints absolute figures and ratios. Also writes them as JSON.
 //!
+//! Then the iSCSI column: grove's iSCSI target against tgt (the Linux SCSI target framework's
+//! daemon, `tgtd`, serving nbdkit's file as a LUN with its default `rdwr` backing store), the
+//! same read jobs with libiscsi's `iscsi-perf` (reads only), interleaved. tgt starts only
+//! after the NBD jobs, so it never competes with them, and needs root; without root or
+//! without tgtd only grove's iSCSI figures are taken.
+//!
 //! `--quick` is a smoke test of the benchmark itself (small volume, short jobs); its numbers
 //! mean little. Machines are shared and noisy: compare ratios from one run, never absolute
 //! thresholds.
@@ -16,7 +22,9 @@ use clap::Parser;
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(about = "grove vs qemu-nbd (qcow2) vs nbdkit (file), same fio jobs, one run")]
+#[command(
+    about = "grove vs qemu-nbd (qcow2) vs nbdkit (file), same fio jobs, then grove vs tgt over iSCSI"
+)]
 struct Args {
     /// Small volume and short jobs: checks that the benchmark works, in well under a minute.
     #[arg(long)]
@@ -24,7 +32,7 @@ struct Args {
     /// Volume size in MiB (default 4096, quick 256).
     #[arg(long)]
     size_mib: Option<u64>,
-    /// Seconds per fio job (default 20, quick 2).
+    /// Seconds per fio or iscsi-perf job (default 20, quick 2).
     #[arg(long)]
     runtime_s: Option<u64>,
     /// Where to write the results as JSON.
@@ -33,6 +41,9 @@ struct Args {
     /// The grove binary (default: target/release/grove, built if missing).
     #[arg(long)]
     grove: Option<PathBuf>,
+    /// Leave out the iSCSI jobs (grove's iSCSI target against tgt with iscsi-perf).
+    #[arg(long)]
+    no_iscsi: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -40,9 +51,12 @@ enum Peer {
     Grove,
     QemuNbd,
     Nbdkit,
+    /// tgt serving nbdkit's file over iSCSI (the iSCSI jobs only).
+    Tgt,
 }
 
 impl Peer {
+    /// The NBD peers, each with its own server and data directory.
     const ALL: [Peer; 3] = [Peer::Grove, Peer::QemuNbd, Peer::Nbdkit];
 
     fn name(self) -> &'static str {
@@ -50,6 +64,7 @@ impl Peer {
             Peer::Grove => "grove",
             Peer::QemuNbd => "qemu-nbd+qcow2",
             Peer::Nbdkit => "nbdkit-file",
+            Peer::Tgt => "tgt-file",
         }
     }
 }
@@ -63,6 +78,8 @@ struct Server {
     api: Option<String>,
     /// The qcow2 layer currently served (qemu-nbd only).
     layer: usize,
+    /// The port of grove's iSCSI target on 127.0.0.1 (grove only).
+    iscsi_port: Option<u16>,
 }
 
 impl Server {
@@ -98,9 +115,34 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+fn wait_for_port(port: u16, child: &mut Child, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} is not listening on 127.0.0.1:{port}")
+}
+
+fn tool_installed(tool: &str) -> bool {
+    Command::new("which")
+        .arg(tool)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 fn start_grove(grove: &Path, dir: &Path, size_bytes: u64) -> Result<Server> {
     let socket = dir.join("grove.sock");
     let port = free_port()?;
+    let iscsi_port = free_port()?;
     let api = format!("http://127.0.0.1:{port}");
     let mut child = Command::new(grove)
         .args(["serve", "--data-dir"])
@@ -111,7 +153,7 @@ fn start_grove(grove: &Path, dir: &Path, size_bytes: u64) -> Result<Server> {
             "--api-listen",
             &format!("127.0.0.1:{port}"),
             "--iscsi-listen",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{iscsi_port}"),
         ])
         .arg("--nbd-socket")
         .arg(&socket)
@@ -130,6 +172,7 @@ fn start_grove(grove: &Path, dir: &Path, size_bytes: u64) -> Result<Server> {
         dir: dir.to_path_buf(),
         api: Some(api),
         layer: 0,
+        iscsi_port: Some(iscsi_port),
     })
 }
 
@@ -165,12 +208,18 @@ fn start_qemu_nbd(dir: &Path, layer: usize) -> Result<Server> {
         dir: dir.to_path_buf(),
         api: None,
         layer,
+        iscsi_port: None,
     })
+}
+
+/// nbdkit's backing file; tgt serves the same file over iSCSI once the NBD jobs are done.
+fn nbdkit_file(dir: &Path) -> PathBuf {
+    dir.join("disk.raw")
 }
 
 fn start_nbdkit(dir: &Path, size_bytes: u64) -> Result<Server> {
     let socket = dir.join("nbdkit.sock");
-    let file = dir.join("disk.raw");
+    let file = nbdkit_file(dir);
     std::fs::File::create(&file)?.set_len(size_bytes)?;
     let mut child = Command::new("nbdkit")
         .args(["-f", "--exit-with-parent", "-U"])
@@ -188,6 +237,7 @@ fn start_nbdkit(dir: &Path, size_bytes: u64) -> Result<Server> {
         dir: dir.to_path_buf(),
         api: None,
         layer: 0,
+        iscsi_port: None,
     })
 }
 
@@ -215,7 +265,7 @@ fn snapshot(server: &mut Server, n: usize) -> Result<()> {
             let restarted = start_qemu_nbd(&server.dir, next)?;
             *server = restarted;
         }
-        Peer::Nbdkit => {}
+        Peer::Nbdkit | Peer::Tgt => {}
     }
     Ok(())
 }
@@ -226,7 +276,10 @@ struct Figure {
     peer: Peer,
     iops: f64,
     mib_per_s: f64,
-    lat_p99_us: f64,
+    /// None for the iSCSI jobs: iscsi-perf reports no latencies.
+    lat_p99_us: Option<f64>,
+    /// "fio" (NBD) or "iscsi-perf" (iSCSI).
+    tool: &'static str,
 }
 
 struct Job<'a> {
@@ -290,6 +343,267 @@ fn fio(
     Ok((iops, bw / (1 << 20) as f64, p99))
 }
 
+/// The target name tgt serves nbdkit's file under, as LUN 1 (LUN 0 is tgt's controller).
+const TGT_IQN: &str = "iqn.2026-11.io.grove.bench:tgt";
+
+/// How long tgtd gets to come up, and to exit when told to.
+const TGT_WAIT: Duration = Duration::from_secs(10);
+
+/// A tgtd of our own: a private control port (`tgtadm -C`, so a tgtd started by systemd is
+/// never touched), a portal on 127.0.0.1 and one target with `file` as LUN 1, bound to all
+/// initiators. Dropping it stops tgtd and removes its control sockets, also on errors.
+struct Tgt {
+    child: Child,
+    control_port: u32,
+    portal_port: u16,
+}
+
+impl Tgt {
+    fn start(file: &Path, log: &Path) -> Result<Tgt> {
+        let file = file
+            .to_str()
+            .context("the tgt backing file's path is not UTF-8")?;
+        // tgtd's control socket is /var/run/tgtd/socket.N: pick an N no tgtd uses. The clock
+        // and our pid are random enough, and a taken N is skipped.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos()
+            ^ std::process::id();
+        let control_port = (0..100u32)
+            .map(|attempt| 1000 + seed.wrapping_add(attempt.wrapping_mul(7919)) % 8000)
+            .find(|n| !Path::new(&format!("/var/run/tgtd/socket.{n}")).exists())
+            .context("no free tgtd control port in 100 attempts")?;
+        let portal_port = free_port()?;
+        let log_file = std::fs::File::create(log)?;
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &control_port.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{portal_port}"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting tgtd")?;
+        // From here on, dropping `tgt` stops tgtd.
+        let mut tgt = Tgt {
+            child,
+            control_port,
+            portal_port,
+        };
+        eprintln!(
+            "tgt: tgtd on 127.0.0.1:{portal_port}, control port {control_port} (if the \
+             benchmark is killed: tgtadm -C {control_port} --op delete --mode system)"
+        );
+        let deadline = Instant::now() + TGT_WAIT;
+        while tgt.tgtadm(&["--op", "show", "--mode", "sys"]).is_err() {
+            if let Some(status) = tgt.child.try_wait()? {
+                bail!("tgtd exited early with {status}; see {}", log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("tgtd did not answer tgtadm in time; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tid = ["--lld", "iscsi", "--tid", "1"];
+        tgt.tgtadm(
+            &[
+                &tid[..],
+                &["--op", "new", "--mode", "target", "-T", TGT_IQN],
+            ]
+            .concat(),
+        )?;
+        tgt.tgtadm(
+            &[
+                &tid[..],
+                &[
+                    "--op",
+                    "new",
+                    "--mode",
+                    "logicalunit",
+                    "--lun",
+                    "1",
+                    "-b",
+                    file,
+                ],
+            ]
+            .concat(),
+        )?;
+        tgt.tgtadm(&[&tid[..], &["--op", "bind", "--mode", "target", "-I", "ALL"]].concat())?;
+        wait_for_port(portal_port, &mut tgt.child, "tgtd")?;
+        Ok(tgt)
+    }
+
+    fn tgtadm(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.control_port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running tgtadm")?;
+        if !out.status.success() {
+            bail!(
+                "tgtadm {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("iscsi://127.0.0.1:{}/{TGT_IQN}/1", self.portal_port)
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        // tgtd ignores SIGTERM while it has targets: delete the target, then tell it to exit.
+        let _ = self.tgtadm(&[
+            "--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", "1", "--force",
+        ]);
+        let _ = self.tgtadm(&["--op", "delete", "--mode", "system"]);
+        let deadline = Instant::now() + TGT_WAIT;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            eprintln!(
+                "tgtd (pid {}) did not stop within {TGT_WAIT:?}; killing it",
+                self.child.id()
+            );
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        for suffix in ["", ".lock"] {
+            let _ = std::fs::remove_file(format!(
+                "/var/run/tgtd/socket.{}{suffix}",
+                self.control_port
+            ));
+        }
+    }
+}
+
+/// Logical block size of both iSCSI LUNs (grove's and tgt's file LUN).
+const ISCSI_BLOCK_BYTES: u64 = 512;
+
+/// One iSCSI job: `sessions` iscsi-perf processes at once, each with its own session.
+struct IscsiJob<'a> {
+    name: &'a str,
+    blocks_per_request: u64,
+    max_in_flight: u32,
+    random: bool,
+    sessions: u32,
+}
+
+/// Kills the iscsi-perf processes still running when dropped (after an error).
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Runs `job` against `url` for `runtime_s` seconds; returns the summed "iops average" of its
+/// iscsi-perf processes. Their output goes to files in `dir` (read after they exit).
+fn iscsi_perf(url: &str, peer: Peer, job: &IscsiJob, runtime_s: u64, dir: &Path) -> Result<f64> {
+    let mut children = Children(Vec::new());
+    let mut logs = Vec::new();
+    for session in 0..job.sessions {
+        let log = dir.join(format!("iscsi-perf-{}-{session}.log", peer.name()));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("iscsi-perf");
+        // One initiator name per process: two sessions of one initiator with the same ISID
+        // would be a session reinstatement, which ends the first one.
+        cmd.args([
+            "-i",
+            &format!("iqn.2026-11.io.grove.bench:initiator-{session}"),
+            "-t",
+            &runtime_s.to_string(),
+            "-b",
+            &job.blocks_per_request.to_string(),
+            "-m",
+            &job.max_in_flight.to_string(),
+        ]);
+        if job.random {
+            cmd.arg("-r");
+        }
+        cmd.arg(url)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        children.0.push(cmd.spawn().context("starting iscsi-perf")?);
+        logs.push(log);
+    }
+    // iscsi-perf stops by itself after runtime_s; a hung target must not hang the benchmark.
+    let deadline = Instant::now() + Duration::from_secs(runtime_s + 30);
+    let mut statuses = Vec::new();
+    for child in &mut children.0 {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                statuses.push(status);
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "iscsi-perf ({}) on {} did not finish within {}s; see {}",
+                    job.name,
+                    peer.name(),
+                    runtime_s + 30,
+                    dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut iops_sum = 0.0;
+    for (status, log) in statuses.iter().zip(&logs) {
+        // iscsi-perf redraws its progress line with '\r'; the last "iops average" is the total.
+        let text = std::fs::read_to_string(log)?.replace('\r', "\n");
+        let iops = text
+            .rfind("iops average ")
+            .and_then(|at| text[at + "iops average ".len()..].split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok());
+        match iops {
+            Some(iops) if status.success() => iops_sum += iops,
+            _ => {
+                let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+                bail!(
+                    "iscsi-perf {} on {} ({url}) failed ({status}): {}",
+                    job.name,
+                    peer.name(),
+                    tail[tail.len().saturating_sub(5)..].join(" | ")
+                );
+            }
+        }
+    }
+    Ok(iops_sum)
+}
+
+/// Why tgt cannot run here, if it cannot: it needs root and the tgt package.
+fn tgt_unavailable() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    if uid.as_deref() != Some("0") {
+        return Some("tgtd needs root".to_string());
+    }
+    for tool in ["tgtd", "tgtadm"] {
+        if !tool_installed(tool) {
+            return Some(format!(
+                "{tool} is not installed (Debian: apt-get install tgt)"
+            ));
+        }
+    }
+    None
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let size_mib = args.size_mib.unwrap_or(if args.quick { 256 } else { 4096 });
@@ -308,15 +622,21 @@ fn main() -> Result<()> {
         }
     };
     for tool in ["fio", "qemu-nbd", "qemu-img", "nbdkit"] {
-        if Command::new("which")
-            .arg(tool)
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| !s.success())
-            .unwrap_or(true)
-        {
+        if !tool_installed(tool) {
             bail!("{tool} is not installed (Debian: apt-get install fio qemu-utils nbdkit)");
         }
+    }
+    if !args.no_iscsi && !tool_installed("iscsi-perf") {
+        bail!("iscsi-perf is not installed (Debian: apt-get install libiscsi-bin), or pass --no-iscsi");
+    }
+    // Checked now, so that the message comes before the long NBD part.
+    let tgt_skipped = if args.no_iscsi {
+        None
+    } else {
+        tgt_unavailable()
+    };
+    if let Some(why) = &tgt_skipped {
+        eprintln!("iSCSI: {why}: no tgt column, grove's iSCSI figures only");
     }
     let tmp = tempfile::tempdir()?;
     let dirs: Vec<PathBuf> = Peer::ALL
@@ -441,8 +761,79 @@ fn main() -> Result<()> {
                 peer: server.peer,
                 iops,
                 mib_per_s,
-                lat_p99_us,
+                lat_p99_us: Some(lat_p99_us),
+                tool: "fio",
             });
+        }
+    }
+
+    // The iSCSI jobs: reads only (iscsi-perf cannot write), on the data the NBD jobs left.
+    let iscsi_jobs = [
+        IscsiJob {
+            name: "i1: 4k random read QD32",
+            blocks_per_request: 8,
+            max_in_flight: 32,
+            random: true,
+            sessions: 1,
+        },
+        IscsiJob {
+            name: "i2: 1M sequential read QD8",
+            blocks_per_request: 2048,
+            max_in_flight: 8,
+            random: false,
+            sessions: 1,
+        },
+        IscsiJob {
+            name: "i3: 4 sessions, 4k random read QD8 each",
+            blocks_per_request: 8,
+            max_in_flight: 8,
+            random: true,
+            sessions: 4,
+        },
+    ];
+    let mut iscsi_figures = Vec::new();
+    if !args.no_iscsi {
+        let grove_server = &mut servers[0];
+        let grove_port = grove_server
+            .iscsi_port
+            .context("grove was started without an iSCSI port")?;
+        wait_for_port(grove_port, &mut grove_server.child, "grove's iSCSI target")?;
+        let mut targets = vec![(
+            Peer::Grove,
+            format!("iscsi://127.0.0.1:{grove_port}/iqn.2026-11.io.grove:vol/0"),
+        )];
+        // Dropped at the end of this block, which stops tgtd, also when a job fails.
+        let tgt = match tgt_skipped {
+            Some(_) => None,
+            None => Some(Tgt::start(
+                &nbdkit_file(&dirs[2]),
+                &tmp.path().join("tgtd.log"),
+            )?),
+        };
+        if let Some(tgt) = &tgt {
+            targets.push((Peer::Tgt, tgt.url()));
+        }
+        for job in &iscsi_jobs {
+            for (peer, url) in &targets {
+                let iops = iscsi_perf(url, *peer, job, runtime_s, tmp.path())?;
+                let mib_per_s =
+                    iops * (job.blocks_per_request * ISCSI_BLOCK_BYTES) as f64 / (1 << 20) as f64;
+                eprintln!(
+                    "{:<48} {:<16} {:>10.0} IOPS {:>8.1} MiB/s",
+                    job.name,
+                    peer.name(),
+                    iops,
+                    mib_per_s
+                );
+                iscsi_figures.push(Figure {
+                    workload: job.name.to_string(),
+                    peer: *peer,
+                    iops,
+                    mib_per_s,
+                    lat_p99_us: None,
+                    tool: "iscsi-perf",
+                });
+            }
         }
     }
 
@@ -469,7 +860,42 @@ fn main() -> Result<()> {
             g / k.max(1.0)
         );
     }
-    let report = serde_json::json!({ "size_mib": size_mib, "runtime_s": runtime_s, "quick": args.quick, "figures": figures });
+    if !args.no_iscsi {
+        println!(
+            "\n{:<48} {:>12} {:>12} {:>10}",
+            "iSCSI (iscsi-perf, reads)", "grove", "tgt", "/tgt"
+        );
+        for job in &iscsi_jobs {
+            let get = |peer| {
+                iscsi_figures
+                    .iter()
+                    .find(|f| f.workload == job.name && f.peer == peer)
+                    .map(|f| f.iops)
+            };
+            let g = get(Peer::Grove).unwrap_or(0.0);
+            let (t, ratio) = match get(Peer::Tgt) {
+                Some(t) => (format!("{t:.0}"), format!("{:.2}x", g / t.max(1.0))),
+                None => ("-".to_string(), "-".to_string()),
+            };
+            println!("{:<48} {:>12.0} {:>12} {:>10}", job.name, g, t, ratio);
+        }
+        if let Some(why) = &tgt_skipped {
+            println!("(no tgt column: {why})");
+        }
+    }
+    figures.extend(iscsi_figures);
+    let iscsi = match (args.no_iscsi, &tgt_skipped) {
+        (true, _) => "skipped (--no-iscsi)".to_string(),
+        (false, Some(why)) => format!("grove only ({why})"),
+        (false, None) => "grove and tgt".to_string(),
+    };
+    let report = serde_json::json!({
+        "size_mib": size_mib,
+        "runtime_s": runtime_s,
+        "quick": args.quick,
+        "iscsi": iscsi,
+        "figures": figures,
+    });
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     println!("\nwritten to {}", args.json.display());
     Ok(())
