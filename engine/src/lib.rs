@@ -48,5 +48,6 @@ pub(crate) mod grace;
 pub mod io;
 pub(crate) mod meta;
 pub(crate) mod range_lock;
+pub(crate) mod read_buffers;
 pub(crate) mod rewrite;
 pub(crate) mod space;

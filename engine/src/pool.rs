@@ -210,6 +210,8 @@ pub(crate) struct PoolInner {
     pub(crate) log_wanted: Arc<tokio::sync::Notify>,
     /// I/O and sync-point measurements.
     pub(crate) metrics: crate::metrics::IoMetrics,
+    /// Buffers of large reads, reused.
+    pub(crate) read_buffers: Arc<crate::read_buffers::ReadBuffers>,
 }
 
 /// A handle on an open pool; clones share it.
@@ -292,6 +294,7 @@ impl Pool {
             event_index: Mutex::new(event_index),
             log_wanted: Default::default(),
             metrics: Default::default(),
+            read_buffers: Default::default(),
         };
         Ok(Pool {
             inner: Arc::new(inner),

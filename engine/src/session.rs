@@ -368,7 +368,7 @@ impl Session {
         if pieces.is_empty() {
             return Ok(vec![ReadChunk::Zero { len_bytes }]);
         }
-        let mut buf = vec![0u8; len_bytes as usize];
+        let mut buf = self.pool.read_buffers.take(len_bytes as usize);
         let done = match self
             .pool
             .backend
@@ -385,7 +385,7 @@ impl Session {
             }
         };
         done.result.map_err(Error::Io)?;
-        let bytes = Bytes::from(done.buf);
+        let bytes = self.pool.read_buffers.freeze(done.buf, len_bytes as usize);
         Ok(layout
             .into_iter()
             .map(|(from, to, data)| {

@@ -1,0 +1,127 @@
+//! Buffers of large reads, kept for reuse.
+//!
+//! A read of a megabyte that allocates a fresh zeroed buffer spends more time in the kernel
+//! (mapping, zeroing and later unmapping the pages of a large allocation) than in the read
+//! itself, and large allocations freed from many threads fragment the heap. Large reads take
+//! a buffer from here instead; the buffer comes back when the last `Bytes` slice of the read is
+//! dropped (after the reply is sent).
+//!
+//! A reused buffer holds bytes of an earlier read. That is never visible: a read exposes only
+//! the ranges its pieces cover, and every piece is filled completely by the backend (data, or
+//! zeros past the end of the file).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+/// Reads smaller than this allocate their own buffer: cheap, and not worth a lock.
+const POOLED_MIN_BYTES: usize = 64 * 1024;
+/// Reads larger than this allocate their own buffer too (rare: NBD's and iSCSI's largest
+/// requests are 32 MiB and 8 MiB).
+const POOLED_MAX_BYTES: usize = 8 << 20;
+/// Bytes of buffers kept for reuse at most; beyond that, returned buffers are freed.
+const KEPT_MAX_BYTES: usize = 64 << 20;
+
+#[derive(Default)]
+pub(crate) struct ReadBuffers {
+    /// Free buffers, each fully initialised (`len() == capacity`), a power of two long.
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl ReadBuffers {
+    /// A buffer of at least `len` bytes, zeroed only when newly allocated.
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        if !(POOLED_MIN_BYTES..=POOLED_MAX_BYTES).contains(&len) {
+            return vec![0u8; len];
+        }
+        let size = len.next_power_of_two();
+        let mut free = self.free.lock();
+        match free.iter().position(|buf| buf.len() == size) {
+            Some(at) => free.swap_remove(at),
+            None => vec![0u8; size],
+        }
+    }
+
+    /// Wraps the first `len` bytes of `buf` (from [`ReadBuffers::take`]) as `Bytes` that give
+    /// the buffer back when dropped.
+    pub fn freeze(self: &Arc<Self>, mut buf: Vec<u8>, len: usize) -> Bytes {
+        if !(POOLED_MIN_BYTES..=POOLED_MAX_BYTES).contains(&buf.len()) {
+            buf.truncate(len);
+            return Bytes::from(buf);
+        }
+        Bytes::from_owner(Loaned {
+            buf,
+            len,
+            home: self.clone(),
+        })
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock();
+        let kept: usize = free.iter().map(Vec::len).sum();
+        if kept + buf.len() <= KEPT_MAX_BYTES {
+            free.push(buf);
+        }
+    }
+}
+
+/// A pooled buffer lent to `Bytes` slices of one read.
+struct Loaned {
+    buf: Vec<u8>,
+    len: usize,
+    home: Arc<ReadBuffers>,
+}
+
+impl AsRef<[u8]> for Loaned {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Loaned {
+    fn drop(&mut self) {
+        self.home.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_buffers_come_back_and_small_ones_do_not() {
+        let buffers = Arc::new(ReadBuffers::default());
+        let buf = buffers.take(100_000);
+        assert_eq!(buf.len(), 131_072);
+        let ptr = buf.as_ptr();
+        let bytes = buffers.freeze(buf, 100_000);
+        assert_eq!(bytes.len(), 100_000);
+        let slice = bytes.slice(10..20);
+        drop(bytes);
+        assert!(buffers.free.lock().is_empty(), "a slice still holds it");
+        drop(slice);
+        assert_eq!(buffers.free.lock().len(), 1);
+        assert_eq!(buffers.take(70_000).as_ptr(), ptr, "reused");
+
+        let small = buffers.take(4096);
+        assert_eq!(small.len(), 4096);
+        assert_eq!(buffers.freeze(small, 4096).len(), 4096);
+        assert!(buffers.free.lock().is_empty());
+    }
+
+    #[test]
+    fn kept_bytes_are_bounded() {
+        let buffers = Arc::new(ReadBuffers::default());
+        let loans: Vec<Bytes> = (0..20)
+            .map(|_| {
+                let buf = buffers.take(POOLED_MAX_BYTES);
+                buffers.freeze(buf, POOLED_MAX_BYTES)
+            })
+            .collect();
+        drop(loans);
+        let kept: usize = buffers.free.lock().iter().map(Vec::len).sum();
+        assert!(kept <= KEPT_MAX_BYTES);
+        assert_eq!(kept, KEPT_MAX_BYTES);
+    }
+}
