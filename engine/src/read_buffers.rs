@@ -102,7 +102,8 @@ mod tests {
         assert!(buffers.free.lock().is_empty(), "a slice still holds it");
         drop(slice);
         assert_eq!(buffers.free.lock().len(), 1);
-        assert_eq!(buffers.take(70_000).as_ptr(), ptr, "reused");
+        let again = buffers.take(70_000);
+        assert_eq!(again.as_ptr(), ptr, "reused");
 
         let small = buffers.take(4096);
         assert_eq!(small.len(), 4096);
