@@ -33,7 +33,7 @@ pub const API_URL_DEFAULT: &str = "http://127.0.0.1:8470";
 #[command(
     name = "grove",
     version,
-    about = "Block-device versioning appliance: volumes with branches, commits and tags, served over NBD",
+    about = "Block-device versioning appliance: volumes with branches, commits and tags, served over NBD and iSCSI",
     after_help = "Refs: VOL means VOL@main; VOL@BRANCH, VOL@TAG, VOL@COMMIT (full id or unique prefix)."
 )]
 pub struct Cli {
@@ -55,7 +55,7 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon: the pool, the NBD server and the HTTP API.
+    /// Run the daemon: the pool, the NBD server, the iSCSI target and the HTTP API.
     Serve(ServeArgs),
     /// Create, clone, list, show and delete volumes.
     #[command(subcommand)]
