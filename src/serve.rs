@@ -33,6 +33,7 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("configuration OK");
         return Ok(());
     }
+    tune_allocator();
     init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -44,6 +45,31 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
     // final flush is durable. Blocking work still running gets a bounded time to finish.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     result
+}
+
+/// Keeps glibc's allocator from growing the daemon's memory without bound under load.
+///
+/// Measured with the soak test (64 connections, commits and reads of commit exports, 90 s):
+/// RSS grew steadily, 14 to 195 MiB, with glibc's defaults; 14 to 99 MiB with at most two
+/// arenas; 14 to 61 MiB with two arenas and a fixed mmap threshold. By default glibc keeps
+/// up to 8 arenas per core, one per thread that allocates, and each holds on to what its
+/// threads freed; and its mmap threshold rises after every large free, after which
+/// megabyte-sized I/O buffers are carved from the arenas and fragment them. Large read buffers
+/// are reused by the engine, so a fixed threshold costs little. `MALLOC_ARENA_MAX` and
+/// `MALLOC_MMAP_THRESHOLD_` in the environment still take precedence.
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    const ARENAS_MAX: libc::c_int = 2;
+    const MMAP_THRESHOLD_BYTES: libc::c_int = 128 * 1024;
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes allocator parameters; it is called before the runtime
+        // starts any thread.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, ARENAS_MAX) };
+    }
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: as above.
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) };
+    }
 }
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`); stdout carries only the ready
