@@ -201,7 +201,7 @@ step "tests: grove + end-to-end" \
 # model (merges, squashes, clones, deletes, resets with power cuts), in release mode. Millions
 # of seeds: see engine/tests/crash_model.rs and history_model.rs.
 if [ -z "${CARGO_TEST_ARGS:-}" ]; then
-  step "power-loss simulation (release, 2000 + 500 seeds)" \
+  step "power loss, 2500 seeds" \
     timeout --kill-after=30 "$TEST_STEP_TIMEOUT_SECONDS" \
     env GROVE_CRASH_SEEDS=2000 GROVE_HISTORY_SEEDS=500 \
     cargo test --release --locked -p grove-engine --test crash_model --test history_model
@@ -209,7 +209,7 @@ fi
 # Coverage-guided fuzzing, short: every target of fuzz/ for 15 s (scripts/fuzz.sh runs longer
 # campaigns). Skipped when only some tests were asked for, or with GROVE_TEST_NO_FUZZ=1.
 if [ -z "${CARGO_TEST_ARGS:-}" ] && [ "${GROVE_TEST_NO_FUZZ:-0}" != 1 ]; then
-  step "fuzz (15 s per target)" timeout --kill-after=30 1500 scripts/fuzz.sh --quick
+  step "fuzz, 15 s per target" timeout --kill-after=30 1500 scripts/fuzz.sh --quick
 fi
 
 echo
