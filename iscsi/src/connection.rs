@@ -38,6 +38,9 @@ use crate::scsi::{self, Lun, Nexus, Residual, Response, SenseKey, Status, MAX_TR
 
 /// REPORT LUNS answers the same from any LUN (SPC-4 6.33).
 const REPORT_LUNS: u8 = 0xa0;
+/// Immediate SCSI commands of one session in progress at once; more are rejected (RFC 7143
+/// 11.17.1, "immediate command reject"), so the I bit cannot get around the command window.
+const IMMEDIATE_MAX: u32 = 16;
 /// Commands whose write data is being solicited with R2Ts at once; others wait their turn.
 const SOLICITING_MAX: usize = 8;
 /// Data segment accepted during login (the RFC 7143 default MaxRecvDataSegmentLength).
@@ -148,6 +151,7 @@ where
     let window = Arc::new(Mutex::new(Window {
         exp_cmd_sn: cmd_sn,
         in_flight: 0,
+        immediate: 0,
         depth: portal.options.queue_depth.max(1),
     }));
     let (out, outgoing) = mpsc::unbounded_channel();
@@ -309,6 +313,9 @@ where
 struct Window {
     exp_cmd_sn: u32,
     in_flight: u32,
+    /// Immediate SCSI commands accepted and not yet answered (outside the window, bounded
+    /// by [`IMMEDIATE_MAX`]).
+    immediate: u32,
     depth: u32,
 }
 
@@ -419,7 +426,7 @@ struct Gathering {
     cdb: Vec<u8>,
     expected_in: u32,
     expected_out: u32,
-    /// Counted in the window's `in_flight`.
+    /// Counted in the window's `in_flight` (else in `immediate`).
     windowed: bool,
     /// Write data received so far, in order.
     data: Vec<u8>,
@@ -682,7 +689,15 @@ impl Connection {
             // Discovery sessions carry no SCSI commands.
             return Err(self.protocol_error(&request, "SCSI command in a discovery session".into()));
         }
-        if !self.accept_cmd_sn(&request, !request.immediate()) {
+        if request.immediate() {
+            let mut window = self.window.lock();
+            if window.immediate >= IMMEDIATE_MAX {
+                drop(window);
+                self.reject(&request.bhs, reject::IMMEDIATE_COMMAND_REJECT, false);
+                return Ok(());
+            }
+            window.immediate += 1;
+        } else if !self.accept_cmd_sn(&request, true) {
             return Ok(());
         }
         let windowed = !request.immediate();
@@ -753,10 +768,7 @@ impl Connection {
     }
 
     fn release_window(&self, windowed: bool) {
-        if windowed {
-            let mut window = self.window.lock();
-            window.in_flight = window.in_flight.saturating_sub(1);
-        }
+        release(&self.window, windowed);
     }
 
     /// After data arrived for `itt`: starts the command when all of it is there, otherwise
@@ -1220,6 +1232,16 @@ impl Connection {
     }
 }
 
+/// Frees a command's place: in the window, or among the immediate commands.
+fn release(window: &Mutex<Window>, windowed: bool) {
+    let mut window = window.lock();
+    if windowed {
+        window.in_flight = window.in_flight.saturating_sub(1);
+    } else {
+        window.immediate = window.immediate.saturating_sub(1);
+    }
+}
+
 /// What the task of a finished command needs to answer it.
 struct Finished {
     itt: u32,
@@ -1240,10 +1262,7 @@ async fn finish(
     outcome: Option<&Arc<Outcome>>,
 ) {
     // The slot is free before the status goes out, so the status opens the window again.
-    if done.windowed {
-        let mut window = window.lock();
-        window.in_flight = window.in_flight.saturating_sub(1);
-    }
+    release(window, done.windowed);
     if outcome.is_none_or(|outcome| outcome.answer()) {
         for pdu in response_pdus(&done, response, params) {
             if out.send(pdu).is_err() {

@@ -404,3 +404,43 @@ async fn a_stop_answers_commands_in_flight_then_closes() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn immediate_commands_cannot_get_around_the_window() {
+    let target = start(|_| {}).await;
+    let mut initiator = Initiator::login(target.port, "None").await;
+    // 64 immediate WRITE(10)s whose data never comes (the login asked for R2Ts): they stay in
+    // progress, so past the limit the rest are rejected (immediate command reject), and only
+    // as many get R2Ts as may solicit data at once.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&1u16.to_be_bytes());
+    let mut wire = Vec::new();
+    for _ in 0..64 {
+        let mut command = initiator.command(&cdb, 0, 512);
+        command.set_immediate();
+        initiator.cmd_sn = initiator.cmd_sn.wrapping_sub(1);
+        command.set_u32(24, initiator.cmd_sn);
+        wire.extend_from_slice(&command.encode_header(initiator.digests));
+    }
+    use tokio::io::AsyncWriteExt;
+    initiator.stream.write_all(&wire).await.unwrap();
+    let (mut r2ts, mut rejected) = (0, 0);
+    while r2ts + rejected < 8 + 48 {
+        let pdu = tokio::time::timeout(Duration::from_secs(10), initiator.recv())
+            .await
+            .expect("R2Ts and rejects come")
+            .expect("the connection stays up");
+        match pdu.opcode() {
+            op::R2T => r2ts += 1,
+            op::REJECT => {
+                assert_eq!(pdu.byte(2), 0x06, "immediate command reject");
+                rejected += 1;
+            }
+            other => panic!("unexpected opcode {other:#x}"),
+        }
+    }
+    assert_eq!((r2ts, rejected), (8, 48));
+    // Commands in the window still go through.
+    assert_eq!(initiator.read10(0, 1).await, vec![0u8; 512]);
+}
