@@ -928,66 +928,43 @@ impl Login {
                 params.initiator_max_recv_data_segment_length = length;
                 return Ok(None);
             }
-            "MaxBurstLength" => {
-                match number_in(value, DATA_LENGTH_MIN_BYTES, DATA_LENGTH_MAX_BYTES) {
-                    Some(offered) => {
-                        params.max_burst_length =
-                            offered.min(clamp_data_length(config.max_burst_length));
-                        Answer::Param
-                    }
-                    None => Answer::Literal(text::REJECT),
-                }
-            }
-            "FirstBurstLength" => {
-                match number_in(value, DATA_LENGTH_MIN_BYTES, DATA_LENGTH_MAX_BYTES) {
-                    Some(offered) => {
-                        params.first_burst_length =
-                            offered.min(clamp_data_length(config.first_burst_length));
-                        Answer::Param
-                    }
-                    None => Answer::Literal(text::REJECT),
-                }
-            }
-            "MaxConnections" => match number_in(value, 1, u32::from(u16::MAX)) {
-                // One connection per session.
-                Some(_) => {
-                    params.max_connections = 1;
-                    Answer::Param
-                }
-                None => Answer::Literal(text::REJECT),
-            },
-            "MaxOutstandingR2T" => match number_in(value, 1, u32::from(u16::MAX)) {
-                Some(offered) => {
-                    let ours = u32::from(config.max_outstanding_r2t.max(1));
-                    params.max_outstanding_r2t = narrow(offered.min(ours));
-                    Answer::Param
-                }
-                None => Answer::Literal(text::REJECT),
-            },
-            "DefaultTime2Wait" => match number_in(value, 0, 3600) {
-                Some(offered) => {
-                    params.default_time2wait =
-                        narrow(offered.max(u32::from(OUR_DEFAULT_TIME2WAIT)));
-                    Answer::Param
-                }
-                None => Answer::Literal(text::REJECT),
-            },
-            "DefaultTime2Retain" => match number_in(value, 0, 3600) {
-                Some(offered) => {
-                    params.default_time2retain =
-                        narrow(offered.min(u32::from(OUR_DEFAULT_TIME2RETAIN)));
-                    Answer::Param
-                }
-                None => Answer::Literal(text::REJECT),
-            },
-            "ErrorRecoveryLevel" => match number_in(value, 0, 2) {
-                // Only level 0: session recovery by a new login.
-                Some(_) => {
-                    params.error_recovery_level = 0;
-                    Answer::Param
-                }
-                None => Answer::Literal(text::REJECT),
-            },
+            "MaxBurstLength" => number_answer(
+                value,
+                DATA_LENGTH_MIN_BYTES,
+                DATA_LENGTH_MAX_BYTES,
+                |offered| {
+                    params.max_burst_length =
+                        offered.min(clamp_data_length(config.max_burst_length));
+                },
+            ),
+            "FirstBurstLength" => number_answer(
+                value,
+                DATA_LENGTH_MIN_BYTES,
+                DATA_LENGTH_MAX_BYTES,
+                |offered| {
+                    params.first_burst_length =
+                        offered.min(clamp_data_length(config.first_burst_length));
+                },
+            ),
+            // One connection per session.
+            "MaxConnections" => number_answer(value, 1, u32::from(u16::MAX), |_| {
+                params.max_connections = 1;
+            }),
+            "MaxOutstandingR2T" => number_answer(value, 1, u32::from(u16::MAX), |offered| {
+                let ours = u32::from(config.max_outstanding_r2t.max(1));
+                params.max_outstanding_r2t = narrow(offered.min(ours));
+            }),
+            "DefaultTime2Wait" => number_answer(value, 0, 3600, |offered| {
+                params.default_time2wait = narrow(offered.max(u32::from(OUR_DEFAULT_TIME2WAIT)));
+            }),
+            "DefaultTime2Retain" => number_answer(value, 0, 3600, |offered| {
+                params.default_time2retain =
+                    narrow(offered.min(u32::from(OUR_DEFAULT_TIME2RETAIN)));
+            }),
+            // Only level 0: session recovery by a new login.
+            "ErrorRecoveryLevel" => number_answer(value, 0, 2, |_| {
+                params.error_recovery_level = 0;
+            }),
             "InitialR2T" | "ImmediateData" | "DataPDUInOrder" | "DataSequenceInOrder" => {
                 let Some(offered) = text::parse_bool(value) else {
                     return Ok(Some(Answer::Literal(text::REJECT)));
@@ -1070,6 +1047,18 @@ fn number_in(value: &str, low: u32, high: u32) -> Option<u32> {
     let number = text::parse_number(value)?;
     let number = u32::try_from(number).ok()?;
     (low..=high).contains(&number).then_some(number)
+}
+
+/// The answer to a numeric key: the negotiated value (which `set` records) when `value` is a
+/// number in `lo..=hi`, else Reject (the default stays).
+fn number_answer(value: &str, lo: u32, hi: u32, set: impl FnOnce(u32)) -> Answer {
+    match number_in(value, lo, hi) {
+        Some(offered) => {
+            set(offered);
+            Answer::Param
+        }
+        None => Answer::Literal(text::REJECT),
+    }
 }
 
 /// Narrows a value already bounded by a u16 range.
