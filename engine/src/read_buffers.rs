@@ -25,8 +25,15 @@ const KEPT_MAX_BYTES: usize = 64 << 20;
 
 #[derive(Default)]
 pub(crate) struct ReadBuffers {
-    /// Free buffers, each fully initialised (`len() == capacity`), a power of two long.
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Free>,
+}
+
+#[derive(Default)]
+struct Free {
+    /// Each fully initialised (`len() == capacity`), a power of two long.
+    buffers: Vec<Vec<u8>>,
+    /// Their total length.
+    bytes: usize,
 }
 
 impl ReadBuffers {
@@ -37,8 +44,11 @@ impl ReadBuffers {
         }
         let size = len.next_power_of_two();
         let mut free = self.free.lock();
-        match free.iter().position(|buf| buf.len() == size) {
-            Some(at) => free.swap_remove(at),
+        match free.buffers.iter().position(|buf| buf.len() == size) {
+            Some(at) => {
+                free.bytes -= size;
+                free.buffers.swap_remove(at)
+            }
             None => vec![0u8; size],
         }
     }
@@ -59,9 +69,9 @@ impl ReadBuffers {
 
     fn give_back(&self, buf: Vec<u8>) {
         let mut free = self.free.lock();
-        let kept: usize = free.iter().map(Vec::len).sum();
-        if kept + buf.len() <= KEPT_MAX_BYTES {
-            free.push(buf);
+        if free.bytes + buf.len() <= KEPT_MAX_BYTES {
+            free.bytes += buf.len();
+            free.buffers.push(buf);
         }
     }
 }
@@ -99,16 +109,19 @@ mod tests {
         assert_eq!(bytes.len(), 100_000);
         let slice = bytes.slice(10..20);
         drop(bytes);
-        assert!(buffers.free.lock().is_empty(), "a slice still holds it");
+        assert!(
+            buffers.free.lock().buffers.is_empty(),
+            "a slice still holds it"
+        );
         drop(slice);
-        assert_eq!(buffers.free.lock().len(), 1);
+        assert_eq!(buffers.free.lock().buffers.len(), 1);
         let again = buffers.take(70_000);
         assert_eq!(again.as_ptr(), ptr, "reused");
 
         let small = buffers.take(4096);
         assert_eq!(small.len(), 4096);
         assert_eq!(buffers.freeze(small, 4096).len(), 4096);
-        assert!(buffers.free.lock().is_empty());
+        assert!(buffers.free.lock().buffers.is_empty());
     }
 
     #[test]
@@ -121,7 +134,8 @@ mod tests {
             })
             .collect();
         drop(loans);
-        let kept: usize = buffers.free.lock().iter().map(Vec::len).sum();
+        let kept: usize = buffers.free.lock().buffers.iter().map(Vec::len).sum();
+        assert_eq!(kept, buffers.free.lock().bytes);
         assert!(kept <= KEPT_MAX_BYTES);
         assert_eq!(kept, KEPT_MAX_BYTES);
     }
