@@ -256,7 +256,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    pool.flush().await.context("cannot flush the pool")?;
+    pool.close().await.context("cannot flush the pool")?;
     tracing::info!("pool flushed; stopped");
     match failure {
         None => Ok(()),

@@ -137,6 +137,9 @@ pub enum CatalogOp {
         /// For a clone: the ref it was cloned from.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         origin: Option<VolumeOrigin>,
+        /// Whether its writes store block checksums and its reads check them (`sums.rs`).
+        #[serde(default = "checksums_default")]
+        checksums: bool,
     },
     DeleteVolume {
         name: String,
@@ -189,7 +192,14 @@ pub enum Record {
         /// The events of the changes this sync point makes durable.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         events: Vec<crate::events::LoggedEvent>,
+        /// Regions of data blocks that leave the intent: every in-place write into them is
+        /// covered by this sync point (`sums.rs`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        intent_cleared: Vec<u64>,
     },
+    /// Regions of data blocks about to be written in place: after a crash, their checksums
+    /// are computed again from what the disk holds (`sums.rs`).
+    Intent { regions: Vec<u64> },
 }
 
 /// A live branch head.
@@ -228,6 +238,14 @@ pub struct Volume {
     pub sessions: usize,
     /// Data blocks the volume's refs map (shared ones once).
     pub blocks: u64,
+    /// Block checksums stored on write and checked on read.
+    pub checksums: bool,
+}
+
+/// Volumes recorded before checksums existed have them from now on (their older blocks have
+/// none, which reads skip).
+fn checksums_default() -> bool {
+    true
 }
 
 #[derive(Default)]
@@ -361,6 +379,7 @@ impl Catalog {
                 size_bytes,
                 created_unix,
                 origin,
+                checksums,
             } => {
                 self.next_id = self.next_id.max(*id);
                 self.volumes.insert(
@@ -375,6 +394,7 @@ impl Catalog {
                         tags: BTreeMap::new(),
                         sessions: 0,
                         blocks: 0,
+                        checksums: *checksums,
                     },
                 );
             }

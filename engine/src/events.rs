@@ -143,6 +143,27 @@ pub enum Event {
         export: String,
         counters: crate::session::SessionCounters,
     },
+    /// A data block read back with content that does not match its checksum: the read failed
+    /// (EIO) rather than return it.
+    #[serde(rename = "data.corrupted")]
+    DataCorrupted {
+        volume: String,
+        /// The ref it was read through.
+        export: String,
+        offset_bytes: u64,
+        /// Where it is in `data.grove`, in 4 KiB blocks.
+        data_block: u64,
+        /// "read" or "scrub".
+        found_by: String,
+    },
+    /// A scrub (`Pool::scrub`) read every live block.
+    #[serde(rename = "scrub.completed")]
+    ScrubCompleted {
+        checked_blocks: u64,
+        bad_blocks: u64,
+        /// Blocks written before checksums existed or with them off.
+        unchecked_blocks: u64,
+    },
 }
 
 /// Every event type name, as `Event::type_name` gives them.
@@ -165,6 +186,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "hook.failed",
     "session.opened",
     "session.closed",
+    "data.corrupted",
+    "scrub.completed",
 ];
 
 /// Changed extents listed in a `commit.created` event at most.
@@ -232,13 +255,15 @@ impl Event {
             | Event::CommitDeleted { volume, .. }
             | Event::MergeCompleted { volume, .. }
             | Event::MergeStarted { volume, .. }
-            | Event::MergeAborted { volume, .. } => Some(volume),
+            | Event::MergeAborted { volume, .. }
+            | Event::DataCorrupted { volume, .. } => Some(volume),
             Event::SessionOpened { export, .. } | Event::SessionClosed { export, .. } => {
                 export.split(['@', '?']).next()
             }
-            Event::HookCreated { .. } | Event::HookDeleted { .. } | Event::HookFailed { .. } => {
-                None
-            }
+            Event::HookCreated { .. }
+            | Event::HookDeleted { .. }
+            | Event::HookFailed { .. }
+            | Event::ScrubCompleted { .. } => None,
         }
     }
 
@@ -284,6 +309,8 @@ impl Event {
             Event::HookFailed { .. } => "hook.failed",
             Event::SessionOpened { .. } => "session.opened",
             Event::SessionClosed { .. } => "session.closed",
+            Event::DataCorrupted { .. } => "data.corrupted",
+            Event::ScrubCompleted { .. } => "scrub.completed",
         }
     }
 }

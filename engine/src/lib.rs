@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod pool;
 pub mod reclaim;
 pub mod records;
+pub mod scrub;
 pub mod session;
 pub mod types;
 
@@ -32,6 +33,7 @@ pub use merge::{
 pub use pool::{Candidate, IoChoice, Pool, PoolOptions};
 pub use reclaim::{SpaceReport, VolumeSpace};
 pub use roaring::RoaringTreemap;
+pub use scrub::{ScrubError, ScrubReport};
 pub use session::{
     BlockStatus, ReadChunk, Session, SessionClient, SessionCounters, SessionInfo, ZeroMode,
 };
@@ -51,3 +53,4 @@ pub(crate) mod range_lock;
 pub(crate) mod read_buffers;
 pub(crate) mod rewrite;
 pub(crate) mod space;
+pub mod sums;

@@ -26,6 +26,7 @@ use crate::meta::{MetaStore, PendingFree, Target};
 use crate::rewrite::free_blob;
 use crate::session::{AtomicCounters, Session, SessionClient, SessionInfo, SessionTarget};
 use crate::space::JOURNAL_RECORD_ROOM_BYTES;
+use crate::sums::{block_sum, region_of, Intent, SumStore, INTENT_IDLE, SUMS_PER_PAGE};
 use crate::types::*;
 
 /// Which disk I/O backend to use.
@@ -60,6 +61,8 @@ impl PoolOptions {
 /// Everything behind the state lock.
 pub(crate) struct State {
     pub meta: MetaStore,
+    /// Block checksums (`sums.rs`).
+    pub sums: SumStore,
     pub data: SpaceAllocator,
     /// Data blocks freed, reusable after the sync point of their generation.
     pub pending_data: Vec<PendingFree>,
@@ -87,6 +90,8 @@ pub(crate) struct State {
     /// How far the data file and the journal are set aside on the file system (`space.rs`);
     /// `None` where that is not supported, or in a check that must write nothing.
     pub reserved: Option<crate::space::Reserved>,
+    /// Regions found in the intent at open (their checksums were computed again).
+    pub intent_at_open: Vec<u64>,
 }
 
 /// A commit being checked (`Pool::prepare_commit`).
@@ -212,6 +217,16 @@ pub(crate) struct PoolInner {
     pub(crate) metrics: crate::metrics::IoMetrics,
     /// Buffers of large reads, reused.
     pub(crate) read_buffers: Arc<crate::read_buffers::ReadBuffers>,
+    /// Regions of data blocks being written in place (`sums.rs`).
+    pub(crate) intent: Intent,
+    /// The pool is being closed: every idle region leaves the intent at the next sync point.
+    closing: AtomicBool,
+    /// Data blocks found with a bad checksum since the pool was opened (reported once each).
+    pub(crate) bad_blocks: Mutex<BTreeSet<u64>>,
+    /// Reads and scrubs that met a bad checksum.
+    pub(crate) checksum_errors: AtomicU64,
+    /// The running or last scrub.
+    pub(crate) scrub: Mutex<Option<crate::scrub::ScrubReport>>,
 }
 
 /// A handle on an open pool; clones share it.
@@ -277,6 +292,7 @@ impl Pool {
             state.reserve_at_open(&*backend)?;
         }
         let first_session_id = state.first_session_id;
+        let intent = Intent::recovered(std::mem::take(&mut state.intent_at_open));
         let inner = PoolInner {
             events: EventBus::default(),
             backend,
@@ -295,6 +311,11 @@ impl Pool {
             log_wanted: Default::default(),
             metrics: Default::default(),
             read_buffers: Default::default(),
+            intent,
+            closing: AtomicBool::new(false),
+            bad_blocks: Default::default(),
+            checksum_errors: AtomicU64::new(0),
+            scrub: Mutex::new(None),
         };
         Ok(Pool {
             inner: Arc::new(inner),
@@ -350,6 +371,16 @@ impl Pool {
     }
 
     pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size_bytes, VolumeOptions::default())
+            .await
+    }
+
+    pub async fn create_volume_with(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        options: VolumeOptions,
+    ) -> Result<VolumeInfo> {
         validate_volume_name(name)?;
         if size_bytes == 0
             || !size_bytes.is_multiple_of(BLOCK_SIZE)
@@ -373,6 +404,7 @@ impl Pool {
                     size_bytes,
                     created_unix: now_unix(),
                     origin: None,
+                    checksums: options.checksums,
                 };
                 st.catalog.apply(&op)?;
                 let head = HeadRecord {
@@ -1005,7 +1037,7 @@ impl Pool {
         let mut st = self.inner.state.lock();
         let target = st.resolve(export)?;
         let vol = st.catalog.volume(target.volume())?;
-        let size_bytes = vol.size_bytes;
+        let (size_bytes, checksums) = (vol.size_bytes, vol.checksums);
         let mut read_only = target.read_only();
         let mut withdrawn = None;
         let session_target = match &target {
@@ -1074,6 +1106,7 @@ impl Pool {
             withdrawn,
             counters,
             size_bytes,
+            checksums,
             target: session_target,
         }))
     }
@@ -1094,6 +1127,18 @@ impl Pool {
 
     /// Makes everything acknowledged so far durable.
     pub async fn flush(&self) -> Result<()> {
+        self.inner.flush().await
+    }
+
+    /// Reads (and scrubs) that found a data block not matching its checksum.
+    pub fn checksum_errors(&self) -> u64 {
+        self.inner.checksum_errors.load(Ordering::Relaxed)
+    }
+
+    /// The last flush before the pool is closed: also takes every region out of the intent,
+    /// so that the next open has no checksums to compute again.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.closing.store(true, Ordering::Release);
         self.inner.flush().await
     }
 }
@@ -1226,6 +1271,7 @@ impl PoolInner {
             let mut st = self.state.lock();
             // Room for the record is made sure of before anything changes: without it the
             // change is refused and the pool stays as it was (`space.rs`).
+            let mut room = true;
             if let Err(err) = st.reserve_journal(&*self.backend, JOURNAL_RECORD_ROOM_BYTES) {
                 let nothing_to_record = !changes
                     && st.dirty_heads.is_empty()
@@ -1234,11 +1280,25 @@ impl PoolInner {
                 if !nothing_to_record {
                     return Err(err);
                 }
+                room = false;
             }
             let (ops, events) = f(&mut st)?;
             let events = st.number_events(events, actor);
+            // Regions whose in-place writes this sync point covers leave the intent with its
+            // record (their checksums are written with it).
+            let idle = if self.closing.load(Ordering::Acquire) {
+                std::time::Duration::ZERO
+            } else {
+                INTENT_IDLE
+            };
+            let intent_cleared = if room {
+                self.intent.take_idle(idle)
+            } else {
+                Vec::new()
+            };
             if ops.is_empty()
                 && events.is_empty()
+                && intent_cleared.is_empty()
                 && st.dirty_heads.is_empty()
                 && st.meta.dirty_pages() == 0
             {
@@ -1249,6 +1309,7 @@ impl PoolInner {
                 // file system has no room for it, the write below fails the pool.
                 let _ = st.meta.reserve_pages(0, 0);
                 st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
+                st.sums.write_dirty().map_err(|e| self.fail_err(e))?;
                 let gen = st.meta.gen;
                 st.meta.gen += 1;
                 let heads = st.head_records();
@@ -1257,6 +1318,7 @@ impl PoolInner {
                     ops,
                     heads,
                     events,
+                    intent_cleared,
                 };
                 let payload =
                     serde_json::to_vec(&record).map_err(|e| self.fail_err(Error::Io(e.into())))?;
@@ -1264,7 +1326,9 @@ impl PoolInner {
                     let err = Error::invalid("a journal record exceeds its size bound");
                     return Err(self.fail_err(err));
                 }
-                let Record::Sync { events, .. } = record;
+                let Record::Sync { events, .. } = record else {
+                    unreachable!("a sync point encodes a sync record");
+                };
                 let framed = encode_record(&payload);
                 if framed.len() as u64 > JOURNAL_RECORD_ROOM_BYTES {
                     // A large record asks for its room now; without it the append below fails,
@@ -1291,6 +1355,7 @@ impl PoolInner {
         };
         let payload_len = (record.len() - RECORD_HEADER_BYTES) as u64;
         let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
+            .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Sums))
             .and_then(|()| {
                 io::write_blocking(&*self.backend, FileKind::Journal, journal_at, record)
             })
@@ -1336,6 +1401,34 @@ impl PoolInner {
         }
     }
 
+    /// Records `regions` in the journal, durably, as about to be written in place; none of
+    /// those writes may be issued before (`sums.rs`). Runs on a blocking thread.
+    pub(crate) fn record_intent(&self, regions: &[u64]) -> Result<()> {
+        self.check_writable()?;
+        let _sync = self.sync_lock.lock();
+        let regions = self.intent.unrecorded(regions);
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let (framed, at) = {
+            let mut st = self.state.lock();
+            st.reserve_journal(&*self.backend, JOURNAL_RECORD_ROOM_BYTES)?;
+            let record = Record::Intent {
+                regions: regions.clone(),
+            };
+            let payload = serde_json::to_vec(&record).map_err(|e| Error::Io(e.into()))?;
+            let framed = encode_record(&payload);
+            let at = st.journal_end;
+            st.journal_end += framed.len() as u64;
+            (framed, at)
+        };
+        io::write_blocking(&*self.backend, FileKind::Journal, at, framed)
+            .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Journal))
+            .map_err(|e| self.fail(e))?;
+        self.intent.set_recorded(&regions);
+        Ok(())
+    }
+
     fn fail(&self, err: std::io::Error) -> Error {
         self.fail_err(Error::from_io(err))
     }
@@ -1375,6 +1468,7 @@ fn volume_info(v: &Volume) -> VolumeInfo {
         tags: v.tags.len(),
         written_bytes: v.blocks * BLOCK_SIZE,
         origin: v.origin.clone(),
+        checksums: v.checksums,
     }
 }
 
@@ -1573,6 +1667,7 @@ pub(crate) fn recover_with(
             ));
         }
     }
+    open_sums_file(backend, pool_id, cut_torn_tail)?;
     let body = io::read_blocking(
         &**backend,
         FileKind::Journal,
@@ -1604,6 +1699,8 @@ pub(crate) fn recover_with(
     let mut next_event_seq = 1;
     let mut first_session_id = 1;
     let mut payload_at = PAGE_SIZE as u64;
+    // Regions possibly written in place since the last sync point that covered them.
+    let mut intent = BTreeSet::new();
     for (i, payload) in payloads.iter().enumerate() {
         payload_at += RECORD_HEADER_BYTES as u64;
         let at = || format!("journal record {i}");
@@ -1617,7 +1714,11 @@ pub(crate) fn recover_with(
                 ops,
                 heads,
                 events,
+                intent_cleared,
             } => {
+                for region in &intent_cleared {
+                    intent.remove(region);
+                }
                 for event in &events {
                     if let Event::SessionOpened { session, .. } = event.event {
                         first_session_id = first_session_id.max(session + 1);
@@ -1642,6 +1743,7 @@ pub(crate) fn recover_with(
                 }
                 gen = g + 1;
             }
+            Record::Intent { regions } => intent.extend(regions),
         }
     }
     // Rebuild the allocators from every reachable node, bitmap and data block.
@@ -1657,20 +1759,30 @@ pub(crate) fn recover_with(
     let mut used_pages = RoaringTreemap::new();
     let mut used_blocks = RoaringTreemap::new();
     let mut volume_blocks = Vec::new();
+    // Blocks a head owns (so may have written in place) in the intent's regions:
+    // (first block, blocks, checksums on).
+    let mut recheck: Vec<(u64, u64, bool)> = Vec::new();
     for vol in catalog.volumes.values() {
-        let mut roots: Vec<u64> = vol
+        // Heads first, with the generation from which they own what they map.
+        let mut roots: Vec<(u64, Option<u64>)> = vol
             .branches
             .values()
             .filter_map(|id| catalog.heads.get(id))
-            .map(|h| h.record.root)
+            .map(|h| (h.record.root, Some(h.record.exclusive_since)))
             .collect();
-        roots.extend(vol.commits.values().map(|c| c.root));
+        roots.extend(vol.commits.values().map(|c| (c.root, None)));
         let mut blocks = RoaringTreemap::new();
-        for root in roots {
+        for (root, owned_since) in roots {
             let mut reader = MapReader { store: &mut meta };
             reader.walk(root, gen, &mut |p| used_pages.insert(p), &mut |e| {
                 if let Target::Data(p) = e.target {
                     blocks.insert_range(p..p + e.len);
+                    let owned = owned_since.is_some_and(|since| e.birth >= since);
+                    if owned && !intent.is_empty() {
+                        recheck.extend(
+                            in_regions(&intent, p, e.len).map(|(p, n)| (p, n, vol.checksums)),
+                        );
+                    }
                 }
             })?;
         }
@@ -1698,6 +1810,15 @@ pub(crate) fn recover_with(
     }
     meta.pages = SpaceAllocator::from_used(1, &used_pages);
     let data = SpaceAllocator::from_used(1, &used_blocks);
+    let mut sums = SumStore::new(backend.clone(), (cache_pages / 4).max(64));
+    recompute_sums(backend, &mut sums, &recheck)?;
+    if !intent.is_empty() {
+        tracing::warn!(
+            regions = intent.len(),
+            blocks = recheck.iter().map(|r| r.1).sum::<u64>(),
+            "the pool was not closed cleanly: checksums of blocks that may have been written in place were computed again"
+        );
+    }
     // Each head's uncommitted changes: extents born after its base commit.
     for head in catalog.heads.values_mut() {
         let mut reader = MapReader { store: &mut meta };
@@ -1716,6 +1837,7 @@ pub(crate) fn recover_with(
     Ok((
         State {
             meta,
+            sums,
             data,
             pending_data: Vec::new(),
             catalog,
@@ -1730,9 +1852,87 @@ pub(crate) fn recover_with(
             first_session_id,
             torn_journal_bytes,
             reserved: None,
+            intent_at_open: intent.into_iter().collect(),
         },
         event_index,
     ))
+}
+
+/// The parts of `len` blocks from `pblock` that lie in intent regions.
+fn in_regions(
+    intent: &BTreeSet<u64>,
+    pblock: u64,
+    len: u64,
+) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let (first, last) = (region_of(pblock), region_of(pblock + len - 1));
+    intent.range(first..=last).map(move |&region| {
+        let from = (region * SUMS_PER_PAGE).max(pblock);
+        let to = ((region + 1) * SUMS_PER_PAGE).min(pblock + len);
+        (from, to - from)
+    })
+}
+
+/// Computes the checksums of `blocks` again from what the data file holds (after a crash, for
+/// blocks that may have been written in place).
+fn recompute_sums(
+    backend: &Arc<dyn IoBackend>,
+    sums: &mut SumStore,
+    blocks: &[(u64, u64, bool)],
+) -> Result<()> {
+    const CHUNK_BLOCKS: u64 = 256;
+    for &(pblock, len, checksums) in blocks {
+        if !checksums {
+            sums.clear_run(pblock, len)?;
+            continue;
+        }
+        let mut p = pblock;
+        while p < pblock + len {
+            let n = CHUNK_BLOCKS.min(pblock + len - p);
+            let data = io::read_blocking(
+                &**backend,
+                FileKind::Data,
+                p * BLOCK_SIZE,
+                (n * BLOCK_SIZE) as usize,
+            )?;
+            let computed: Vec<u32> = data
+                .chunks_exact(BLOCK_SIZE as usize)
+                .map(block_sum)
+                .collect();
+            sums.set_run(p, &computed)?;
+            p += n;
+        }
+    }
+    Ok(())
+}
+
+/// Checks the checksum file's header, or writes it where the file is new: a pool made before
+/// checksums existed (its blocks have none), or a new pool.
+fn open_sums_file(backend: &Arc<dyn IoBackend>, pool_id: [u8; 16], may_write: bool) -> Result<()> {
+    let name = FileKind::Sums.file_name();
+    if backend.file_len(FileKind::Sums)? < PAGE_SIZE as u64 {
+        if may_write {
+            if backend.file_len(FileKind::Data)? > PAGE_SIZE as u64 {
+                tracing::warn!("{name} is new: blocks written before have no checksums");
+            }
+            io::write_blocking(
+                &**backend,
+                FileKind::Sums,
+                0,
+                FileHeader::encode(SUMS_MAGIC, pool_id),
+            )?;
+            io::sync_blocking(&**backend, FileKind::Sums)?;
+        }
+        return Ok(());
+    }
+    let page = io::read_blocking(&**backend, FileKind::Sums, 0, PAGE_SIZE)?;
+    let header = FileHeader::decode(&page, SUMS_MAGIC, name)?;
+    if header.pool_id != pool_id {
+        return Err(Error::corrupt(
+            format!("{name} belongs to another pool"),
+            "offset 0",
+        ));
+    }
+    Ok(())
 }
 
 fn create(
@@ -1753,8 +1953,15 @@ fn create(
         0,
         FileHeader::encode(META_MAGIC, pool_id),
     )?;
+    io::write_blocking(
+        &**backend,
+        FileKind::Sums,
+        0,
+        FileHeader::encode(SUMS_MAGIC, pool_id),
+    )?;
     io::sync_blocking(&**backend, FileKind::Data)?;
     io::sync_blocking(&**backend, FileKind::Meta)?;
+    io::sync_blocking(&**backend, FileKind::Sums)?;
     // The journal header goes last: a pool exists once it is durable.
     io::write_blocking(
         &**backend,
@@ -1772,6 +1979,7 @@ fn create(
             1,
             failed.clone(),
         ),
+        sums: SumStore::new(backend.clone(), (cache_pages / 4).max(64)),
         data: SpaceAllocator::new(1),
         pending_data: Vec::new(),
         catalog: Catalog::default(),
@@ -1786,6 +1994,7 @@ fn create(
         first_session_id: 1,
         torn_journal_bytes: 0,
         reserved: None,
+        intent_at_open: Vec::new(),
     })
 }
 

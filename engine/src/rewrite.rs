@@ -197,7 +197,8 @@ impl Pool {
                     return Err(Error::exists(format!("volume {name:?}")));
                 }
                 let src = st.catalog.volume(source.volume())?;
-                let (size_bytes, src_blocks) = (src.size_bytes, src.blocks);
+                let (size_bytes, src_blocks, checksums) =
+                    (src.size_bytes, src.blocks, src.checksums);
                 let gen = st.meta.gen;
                 let Fork {
                     root,
@@ -217,6 +218,7 @@ impl Pool {
                     size_bytes,
                     created_unix: now_unix(),
                     origin: Some(origin.clone()),
+                    checksums,
                 };
                 st.catalog.apply(&op)?;
                 let record = HeadRecord {

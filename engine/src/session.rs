@@ -15,9 +15,11 @@ use crate::extent_map::{MapReader, MapWriter};
 use crate::io::{self, FileKind, IoDone, IoOp, Piece};
 use crate::meta::Target;
 use crate::metrics::RequestOp;
+use crate::pool::run_blocking;
 use crate::pool::PoolInner;
 use crate::range_lock::RangeLock;
 use crate::space::replace_pages_max;
+use crate::sums::{block_sum, first_mismatch, region_of};
 use crate::types::{ResolvedRef, BLOCK_SIZE};
 
 /// Who opened a session, for lineage and `grove sessions`.
@@ -171,7 +173,18 @@ pub struct Session {
     pub(crate) withdrawn: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub(crate) counters: Arc<AtomicCounters>,
     pub(crate) size_bytes: u64,
+    /// The volume stores and checks block checksums (`sums.rs`).
+    pub(crate) checksums: bool,
     pub(crate) target: SessionTarget,
+}
+
+/// A block read back with content that does not match its checksum.
+#[derive(Clone, Copy, Debug)]
+struct BadBlock {
+    lblock: u64,
+    pblock: u64,
+    stored: u32,
+    computed: u32,
 }
 
 /// A run of logical blocks and where its data is.
@@ -317,15 +330,62 @@ impl Session {
                 .lock()
                 .note_read(job, &self.info.target, len_bytes);
         }
-        self.read_inner(offset_bytes, len_bytes).await
+        self.read_inner(offset_bytes, len_bytes, false).await
     }
 
-    async fn read_inner(&self, offset_bytes: u64, len_bytes: u64) -> Result<Vec<ReadChunk>> {
+    /// Reads a range, checking block checksums. `ranges_held`: the caller holds the head's range
+    /// lock over it (a read-modify-write).
+    async fn read_inner(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        ranges_held: bool,
+    ) -> Result<Vec<ReadChunk>> {
+        if let Ok(chunks) = self.read_once(offset_bytes, len_bytes).await? {
+            return Ok(chunks);
+        }
+        // Reads take no range lock, so a read that crossed an in-place write of the same block
+        // can pair the old checksum with new data: read once more with writes held off.
+        let _range = match &self.target {
+            SessionTarget::Head { ranges, .. } if !ranges_held => {
+                let first = offset_bytes / BLOCK_SIZE;
+                let end = (offset_bytes + len_bytes).div_ceil(BLOCK_SIZE);
+                Some(ranges.lock(first, end).await)
+            }
+            _ => None,
+        };
+        self.read_once(offset_bytes, len_bytes)
+            .await?
+            .map_err(|bad| self.report_bad(bad))
+    }
+
+    /// Reads a range once; a block that fails its checksum comes back as `Ok(Err(..))`.
+    async fn read_once(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<std::result::Result<Vec<ReadChunk>, BadBlock>> {
         if len_bytes == 0 {
-            return Ok(Vec::new());
+            return Ok(Ok(Vec::new()));
         }
         let end_bytes = offset_bytes + len_bytes;
         let (first, end) = (offset_bytes / BLOCK_SIZE, end_bytes.div_ceil(BLOCK_SIZE));
+        // Checked blocks are read whole, so the buffer starts at the first block.
+        let verify = self.checksums;
+        let base = if verify {
+            first * BLOCK_SIZE
+        } else {
+            offset_bytes
+        };
+        let buf_len = if verify {
+            (end - first) * BLOCK_SIZE
+        } else {
+            len_bytes
+        };
+        // The checksums of the data blocks read, in buffer order, and the runs they cover:
+        // (buffer offset, first lblock, first pblock, blocks).
+        let mut sums: Vec<u32> = Vec::new();
+        let mut checks: Vec<(usize, u64, u64, u64)> = Vec::new();
         let (extents, _grace) = {
             let mut st = self.pool.state.lock();
             let root = self.root(&st)?;
@@ -334,6 +394,15 @@ impl Session {
             }
             .lookup(root, first, end)
             .map_err(|e| self.pool.fail_meta(e))?;
+            if verify {
+                for seg in segments(&extents, first, end) {
+                    if let Some(p) = seg.pblock {
+                        st.sums.get_run(p, seg.len, &mut sums)?;
+                        let at = ((seg.lblock - first) * BLOCK_SIZE) as usize;
+                        checks.push((at, seg.lblock, p, seg.len));
+                    }
+                }
+            }
             (extents, self.pool.grace.enter())
         };
         // Lay the request out: byte ranges of data (with their file offsets) and of zeros.
@@ -343,9 +412,14 @@ impl Session {
             let from = (seg.lblock * BLOCK_SIZE).max(offset_bytes);
             let to = ((seg.lblock + seg.len) * BLOCK_SIZE).min(end_bytes);
             if let Some(p) = seg.pblock {
-                let file_offset = p * BLOCK_SIZE + (from - seg.lblock * BLOCK_SIZE);
-                let buf_offset = (from - offset_bytes) as usize;
-                let len = (to - from) as usize;
+                let (read_from, read_to) = if verify {
+                    (seg.lblock * BLOCK_SIZE, (seg.lblock + seg.len) * BLOCK_SIZE)
+                } else {
+                    (from, to)
+                };
+                let file_offset = p * BLOCK_SIZE + (read_from - seg.lblock * BLOCK_SIZE);
+                let buf_offset = (read_from - base) as usize;
+                let len = (read_to - read_from) as usize;
                 match pieces.last_mut() {
                     Some(last)
                         if last.buf_offset + last.len == buf_offset
@@ -366,9 +440,9 @@ impl Session {
             }
         }
         if pieces.is_empty() {
-            return Ok(vec![ReadChunk::Zero { len_bytes }]);
+            return Ok(Ok(vec![ReadChunk::Zero { len_bytes }]));
         }
-        let mut buf = self.pool.read_buffers.take(len_bytes as usize);
+        let mut buf = self.pool.read_buffers.take(buf_len as usize);
         let done = match self
             .pool
             .backend
@@ -385,11 +459,26 @@ impl Session {
             }
         };
         done.result.map_err(Error::Io)?;
-        let bytes = self.pool.read_buffers.freeze(done.buf, len_bytes as usize);
-        Ok(layout
+        let mut next_sum = 0;
+        for &(at, lblock, pblock, len) in &checks {
+            let data = &done.buf[at..at + (len * BLOCK_SIZE) as usize];
+            let want = &sums[next_sum..next_sum + len as usize];
+            if let Some((i, got)) = first_mismatch(data, want) {
+                let bad = BadBlock {
+                    lblock: lblock + i as u64,
+                    pblock: pblock + i as u64,
+                    stored: want[i],
+                    computed: got,
+                };
+                return Ok(Err(bad));
+            }
+            next_sum += len as usize;
+        }
+        let bytes = self.pool.read_buffers.freeze(done.buf, buf_len as usize);
+        Ok(Ok(layout
             .into_iter()
             .map(|(from, to, data)| {
-                let (a, b) = ((from - offset_bytes) as usize, (to - offset_bytes) as usize);
+                let (a, b) = ((from - base) as usize, (to - base) as usize);
                 if data {
                     ReadChunk::Data(bytes.slice(a..b))
                 } else {
@@ -398,7 +487,47 @@ impl Session {
                     }
                 }
             })
-            .collect())
+            .collect()))
+    }
+
+    /// A block that failed its checksum: an error for the client, and (once per block while
+    /// the pool is open) an error in the log and a `data.corrupted` event.
+    fn report_bad(&self, bad: BadBlock) -> Error {
+        let offset_bytes = bad.lblock * BLOCK_SIZE;
+        self.pool.checksum_errors.fetch_add(1, Ordering::Relaxed);
+        if self.pool.bad_blocks.lock().insert(bad.pblock) {
+            tracing::error!(
+                export = %self.info.export,
+                offset_bytes,
+                data_block = bad.pblock,
+                stored = format_args!("{:08x}", bad.stored),
+                computed = format_args!("{:08x}", bad.computed),
+                "data block fails its checksum"
+            );
+            let event = Event::DataCorrupted {
+                volume: self.info.target.volume().to_string(),
+                export: self.info.export.clone(),
+                offset_bytes,
+                data_block: bad.pblock,
+                found_by: "read".to_string(),
+            };
+            self.pool
+                .state
+                .lock()
+                .pending_events
+                .push((event, Some(self.info.client.actor())));
+            self.pool.log_soon();
+        }
+        Error::corrupt(
+            format!(
+                "data block checksum mismatch (stored {:08x}, computed {:08x})",
+                bad.stored, bad.computed
+            ),
+            format!(
+                "{} offset {offset_bytes} (data block {})",
+                self.info.export, bad.pblock
+            ),
+        )
     }
 
     /// Writes `data` at `offset_bytes`. Any alignment; sub-block writes read-modify-write inside
@@ -446,7 +575,8 @@ impl Session {
                 let mut full = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
                 if !offset_bytes.is_multiple_of(BLOCK_SIZE) {
                     let old = flatten(
-                        self.read_inner(first * BLOCK_SIZE, BLOCK_SIZE).await?,
+                        self.read_inner(first * BLOCK_SIZE, BLOCK_SIZE, true)
+                            .await?,
                         BLOCK_SIZE,
                     );
                     full[..BLOCK_SIZE as usize].copy_from_slice(&old);
@@ -455,7 +585,8 @@ impl Session {
                     && (end - 1 > first || offset_bytes.is_multiple_of(BLOCK_SIZE))
                 {
                     let old = flatten(
-                        self.read_inner((end - 1) * BLOCK_SIZE, BLOCK_SIZE).await?,
+                        self.read_inner((end - 1) * BLOCK_SIZE, BLOCK_SIZE, true)
+                            .await?,
                         BLOCK_SIZE,
                     );
                     let at = full.len() - BLOCK_SIZE as usize;
@@ -474,6 +605,11 @@ impl Session {
     /// blocks elsewhere (redirect on write), then maps the new blocks.
     async fn write_blocks(&self, head_id: u64, first: u64, data: &[u8]) -> Result<()> {
         let n = data.len() as u64 / BLOCK_SIZE;
+        let sums: Option<Vec<u32>> = self.checksums.then(|| {
+            data.chunks_exact(BLOCK_SIZE as usize)
+                .map(block_sum)
+                .collect()
+        });
         // (lblock, len, pblock, fresh)
         let mut runs: Vec<(u64, u64, u64, bool)> = Vec::new();
         let (exclusive_since, volume, _grace) = {
@@ -527,6 +663,29 @@ impl Session {
                 return Err(err);
             }
             (exclusive_since, volume, self.pool.grace.enter())
+        };
+        // Blocks written in place change under checksums already durable: their regions are
+        // recorded first, so that a crash makes them be computed again (`sums.rs`).
+        let mut regions: Vec<u64> = runs
+            .iter()
+            .filter(|run| !run.3 && self.checksums)
+            .flat_map(|&(_, len, p, _)| region_of(p)..=region_of(p + len - 1))
+            .collect();
+        regions.sort_unstable();
+        regions.dedup();
+        let _intent = if regions.is_empty() {
+            None
+        } else {
+            let (guard, unrecorded) = self.pool.intent.begin(regions);
+            if !unrecorded.is_empty() {
+                let pool = self.pool.clone();
+                let recorded = run_blocking(move || pool.record_intent(&unrecorded)).await;
+                if let Err(err) = recorded {
+                    free_fresh(&mut self.pool.state.lock(), &runs);
+                    return Err(err);
+                }
+            }
+            Some(guard)
         };
         let pieces: Vec<Piece> = runs
             .iter()
@@ -585,6 +744,26 @@ impl Session {
         }
         if let Some(vol) = st.catalog.volumes.get_mut(&volume) {
             vol.blocks += mapped;
+        }
+        // The checksums change with the mapping, and only after the data is written: a sync
+        // point never sees one without the other.
+        for &(l, len, p, _) in &runs {
+            let stored = match &sums {
+                Some(sums) => {
+                    let at = (l - first) as usize;
+                    st.sums.set_run(p, &sums[at..at + len as usize])
+                }
+                None => st.sums.clear_run(p, len),
+            };
+            stored.map_err(|e| self.pool.fail_meta(e))?;
+        }
+        {
+            let mut bad = self.pool.bad_blocks.lock();
+            if !bad.is_empty() {
+                for &(_, len, p, _) in &runs {
+                    bad.retain(|b| !(p..p + len).contains(b));
+                }
+            }
         }
         let head = st.catalog.head_mut(head_id)?;
         head.record.root = root;

@@ -68,6 +68,16 @@ pub(crate) fn replace_pages_max(height: u64) -> u64 {
     3 * (height + 1) + 2
 }
 
+/// Sets aside the checksum pages of data blocks `[from_blocks, to_blocks)` in `sums.grove`.
+fn set_aside_sums(backend: &dyn IoBackend, from_blocks: u64, to_blocks: u64) -> Result<()> {
+    let from = crate::sums::file_bytes_for(from_blocks);
+    let to = crate::sums::file_bytes_for(to_blocks);
+    if to > from {
+        set_aside(backend, FileKind::Sums, from, to - from, to - from, false)?;
+    }
+    Ok(())
+}
+
 /// Sets aside `file` from byte `from` on: `want` bytes, or if the file system has no room for
 /// that, as much as halving finds room for but at least `need` bytes. Returns the new end of
 /// what is set aside, or `None` where setting aside is not supported.
@@ -142,6 +152,8 @@ impl State {
             data_end_blocks,
             journal_end_bytes,
         });
+        // Checksum pages for the blocks set aside; without room, a data write will find out.
+        let _ = set_aside_sums(backend, 0, data_end_blocks);
         Ok(())
     }
 
@@ -173,7 +185,8 @@ impl State {
         match result {
             Ok(Some(end_bytes)) => {
                 self.set_data_end(end_bytes / BLOCK_SIZE);
-                Ok(())
+                // The new blocks' checksums need their room too.
+                set_aside_sums(backend, have, end_bytes / BLOCK_SIZE)
             }
             Ok(None) => Ok(()),
             Err(err) => {

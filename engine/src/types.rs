@@ -190,6 +190,21 @@ pub struct VolumeInfo {
     pub written_bytes: u64,
     /// For a clone: the ref it was cloned from.
     pub origin: Option<VolumeOrigin>,
+    /// Whether writes store a checksum for every block and reads check it.
+    pub checksums: bool,
+}
+
+/// Options of a new volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Store a crc32c for every block written and check it on every read (on by default).
+    pub checksums: bool,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions { checksums: true }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -21,6 +21,7 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const DATA_MAGIC: [u8; 8] = *b"GROVEDAT";
 pub const META_MAGIC: [u8; 8] = *b"GROVEMET";
 pub const JOURNAL_MAGIC: [u8; 8] = *b"GROVEJNL";
+pub const SUMS_MAGIC: [u8; 8] = *b"GROVESUM";
 
 /// The first 4 KiB of each pool file.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable)]

@@ -29,16 +29,27 @@ pub enum FileKind {
     Meta = 1,
     /// The append-only journal of catalog changes and sync points.
     Journal = 2,
+    /// Block checksums, indexed by data block (`sums.rs`).
+    Sums = 3,
 }
 
+/// How many files a pool has.
+pub const FILE_COUNT: usize = 4;
+
 impl FileKind {
-    pub const ALL: [FileKind; 3] = [FileKind::Data, FileKind::Meta, FileKind::Journal];
+    pub const ALL: [FileKind; FILE_COUNT] = [
+        FileKind::Data,
+        FileKind::Meta,
+        FileKind::Journal,
+        FileKind::Sums,
+    ];
 
     pub fn file_name(self) -> &'static str {
         match self {
             FileKind::Data => "data.grove",
             FileKind::Meta => "meta.grove",
             FileKind::Journal => "journal.grove",
+            FileKind::Sums => "sums.grove",
         }
     }
 }
@@ -246,7 +257,7 @@ pub fn sync_blocking(backend: &dyn IoBackend, file: FileKind) -> io::Result<()> 
 }
 
 /// Opens (creating if needed) the pool files in `dir` for a file-backed backend.
-pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; 3]> {
+pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; FILE_COUNT]> {
     let open = |kind: FileKind| {
         std::fs::OpenOptions::new()
             .read(true)
@@ -259,6 +270,7 @@ pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; 3]> {
         open(FileKind::Data)?,
         open(FileKind::Meta)?,
         open(FileKind::Journal)?,
+        open(FileKind::Sums)?,
     ])
 }
 

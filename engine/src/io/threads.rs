@@ -14,13 +14,13 @@ pub const THREADS_WORKERS: usize = 16;
 type Job = (IoOp, Completion);
 
 pub struct ThreadsBackend {
-    files: Arc<[File; 3]>,
+    files: Arc<[File; super::FILE_COUNT]>,
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     workers: Vec<thread::JoinHandle<()>>,
 }
 
 impl ThreadsBackend {
-    pub fn new(files: [File; 3]) -> Self {
+    pub fn new(files: [File; super::FILE_COUNT]) -> Self {
         let files = Arc::new(files);
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
@@ -42,7 +42,7 @@ impl ThreadsBackend {
     }
 }
 
-fn worker(files: &[File; 3], receiver: &Mutex<mpsc::Receiver<Job>>) {
+fn worker(files: &[File; super::FILE_COUNT], receiver: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         let job = {
             let Ok(receiver) = receiver.lock() else {
@@ -56,7 +56,7 @@ fn worker(files: &[File; 3], receiver: &Mutex<mpsc::Receiver<Job>>) {
 }
 
 /// Runs one operation with positional I/O; shared with the simulation's reference behaviour.
-pub(crate) fn execute(files: &[File; 3], op: IoOp) -> IoDone {
+pub(crate) fn execute(files: &[File; super::FILE_COUNT], op: IoOp) -> IoDone {
     match op {
         IoOp::Read {
             file,

@@ -32,7 +32,7 @@ const WAKE_TOKEN: u64 = u64::MAX;
 type Job = (IoOp, Completion);
 
 pub struct UringBackend {
-    files: Arc<[File; 3]>,
+    files: Arc<[File; super::FILE_COUNT]>,
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     wake: Arc<File>,
     stopping: Arc<AtomicBool>,
@@ -43,7 +43,7 @@ pub struct UringBackend {
 
 impl UringBackend {
     /// Creates the ring; fails (so the caller can fall back) where the kernel refuses io_uring.
-    pub fn new(files: [File; 3]) -> io::Result<Self> {
+    pub fn new(files: [File; super::FILE_COUNT]) -> io::Result<Self> {
         let ring = IoUring::new(URING_ENTRIES)?;
         // Probe with a real no-op: some sandboxes allow io_uring_setup but refuse io_uring_enter.
         let mut ring = probe(ring)?;
@@ -135,7 +135,7 @@ fn token(key: usize, piece: usize) -> u64 {
 }
 
 struct RingThread<'a> {
-    files: &'a [File; 3],
+    files: &'a [File; super::FILE_COUNT],
     wake: &'a File,
     receiver: mpsc::Receiver<Job>,
     stopping: &'a AtomicBool,
@@ -155,7 +155,7 @@ struct RingThread<'a> {
 
 impl<'a> RingThread<'a> {
     fn new(
-        files: &'a [File; 3],
+        files: &'a [File; super::FILE_COUNT],
         wake: &'a File,
         receiver: mpsc::Receiver<Job>,
         stopping: &'a AtomicBool,
