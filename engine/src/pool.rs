@@ -1406,10 +1406,13 @@ impl PoolInner {
     pub(crate) fn record_intent(&self, regions: &[u64]) -> Result<()> {
         self.check_writable()?;
         let _sync = self.sync_lock.lock();
-        let regions = self.intent.unrecorded(regions);
-        if regions.is_empty() {
+        if self.intent.unrecorded(regions).is_empty() {
+            // Recorded meanwhile, with another writer's.
             return Ok(());
         }
+        // Every region a write is waiting for goes in the same record: concurrent writers
+        // into new regions share one journal sync.
+        let regions = self.intent.awaited();
         let (framed, at) = {
             let mut st = self.state.lock();
             st.reserve_journal(&*self.backend, JOURNAL_RECORD_ROOM_BYTES)?;
@@ -1749,7 +1752,7 @@ pub(crate) fn recover_with(
     // Rebuild the allocators from every reachable node, bitmap and data block.
     let mut meta = MetaStore::new(
         backend.clone(),
-        cache_pages,
+        meta_cache_pages(cache_pages),
         SpaceAllocator::new(1),
         gen,
         failed.clone(),
@@ -1810,7 +1813,7 @@ pub(crate) fn recover_with(
     }
     meta.pages = SpaceAllocator::from_used(1, &used_pages);
     let data = SpaceAllocator::from_used(1, &used_blocks);
-    let mut sums = SumStore::new(backend.clone(), (cache_pages / 4).max(64));
+    let mut sums = SumStore::new(backend.clone(), sums_cache_pages(cache_pages));
     recompute_sums(backend, &mut sums, &recheck)?;
     if !intent.is_empty() {
         tracing::warn!(
@@ -1856,6 +1859,16 @@ pub(crate) fn recover_with(
         },
         event_index,
     ))
+}
+
+/// The metadata cache's pages are shared: an eighth for block checksums (one page covers
+/// 4 MiB of data), the rest for extent-map nodes and bitmaps.
+fn sums_cache_pages(cache_pages: usize) -> usize {
+    (cache_pages / 8).max(16)
+}
+
+fn meta_cache_pages(cache_pages: usize) -> usize {
+    cache_pages - sums_cache_pages(cache_pages).min(cache_pages / 2)
 }
 
 /// The parts of `len` blocks from `pblock` that lie in intent regions.
@@ -1974,12 +1987,12 @@ fn create(
     Ok(State {
         meta: MetaStore::new(
             backend.clone(),
-            cache_pages,
+            meta_cache_pages(cache_pages),
             SpaceAllocator::new(1),
             1,
             failed.clone(),
         ),
-        sums: SumStore::new(backend.clone(), (cache_pages / 4).max(64)),
+        sums: SumStore::new(backend.clone(), sums_cache_pages(cache_pages)),
         data: SpaceAllocator::new(1),
         pending_data: Vec::new(),
         catalog: Catalog::default(),

@@ -159,10 +159,7 @@ impl Pool {
                 }
                 for id in vol.commits.keys() {
                     let name = format!("{}@{id}", vol.name);
-                    let walk = Walk::Commit {
-                        id: *id,
-                        name,
-                    };
+                    let walk = Walk::Commit { id: *id, name };
                     walks.push((vol.name.clone(), vol.size_bytes, walk));
                 }
             }

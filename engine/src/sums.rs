@@ -304,6 +304,18 @@ impl Intent {
             .collect()
     }
 
+    /// Every region that writes have begun in but that is not recorded yet.
+    pub fn awaited(&self) -> Vec<u64> {
+        let map = self.regions.lock();
+        let mut regions: Vec<u64> = map
+            .iter()
+            .filter(|(_, r)| !r.recorded && r.writing > 0)
+            .map(|(index, _)| *index)
+            .collect();
+        regions.sort_unstable();
+        regions
+    }
+
     /// `regions` are recorded by a durable journal record.
     pub fn set_recorded(&self, regions: &[u64]) {
         let mut map = self.regions.lock();
