@@ -23,6 +23,7 @@ use crate::pool::{
 use crate::rewrite::{free_blob, write_bitmap};
 use crate::session::segments;
 use crate::space::{replace_pages_max, META_RESERVE_PAGES};
+use crate::sums::first_mismatch;
 use crate::types::*;
 use tokio::sync::OwnedRwLockWriteGuard;
 
@@ -796,16 +797,24 @@ const COMPARE_CHUNK_BLOCKS: u64 = 256;
 /// Reads `[first, end)` of a commit's map. A grace guard keeps the blocks from being reused
 /// while they are read.
 fn read_map(inner: &PoolInner, map: &MapSource, first: u64, end: u64) -> Result<Vec<u8>> {
-    let (segs, _grace) = {
+    let (segs, sums, _grace) = {
         let mut st = inner.state.lock();
         let root = map.root(&st.catalog)?;
         let extents = MapReader {
             store: &mut st.meta,
         }
         .lookup(root, first, end)?;
-        (segments(&extents, first, end), inner.grace.enter())
+        let segs = segments(&extents, first, end);
+        let mut sums = Vec::new();
+        for seg in &segs {
+            if let Some(p) = seg.pblock {
+                st.sums.get_run(p, seg.len, &mut sums)?;
+            }
+        }
+        (segs, sums, inner.grace.enter())
     };
     let mut out = vec![0u8; ((end - first) * BLOCK_SIZE) as usize];
+    let mut next_sum = 0;
     for seg in segs {
         if let Some(p) = seg.pblock {
             let data = io::read_blocking(
@@ -814,6 +823,16 @@ fn read_map(inner: &PoolInner, map: &MapSource, first: u64, end: u64) -> Result<
                 p * BLOCK_SIZE,
                 (seg.len * BLOCK_SIZE) as usize,
             )?;
+            // Merged content is compared, never copied, but a damaged block must not decide
+            // a conflict silently. (Commits' blocks never change, so no retry is needed.)
+            let want = &sums[next_sum..next_sum + seg.len as usize];
+            next_sum += seg.len as usize;
+            if let Some((i, _)) = first_mismatch(&data, want) {
+                return Err(Error::corrupt(
+                    "data block checksum mismatch",
+                    format!("data block {}", p + i as u64),
+                ));
+            }
             let at = ((seg.lblock - first) * BLOCK_SIZE) as usize;
             out[at..at + data.len()].copy_from_slice(&data);
         }
