@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
+use crate::grace::GraceGuard;
 use crate::io::{self, FileKind, IoDone, IoOp, Piece};
 use crate::meta::Target;
 use crate::metrics::RequestOp;
@@ -601,6 +602,69 @@ impl Session {
         Ok(())
     }
 
+    /// Decides where a write of `n` blocks from `first` goes: runs of (lblock, len, pblock,
+    /// fresh), in place where the head owns the blocks, new blocks elsewhere (allocated and set
+    /// aside here). The grace guard keeps freed blocks from reuse until the write is done.
+    #[allow(clippy::type_complexity)]
+    fn plan_write(
+        &self,
+        head_id: u64,
+        first: u64,
+        n: u64,
+    ) -> Result<(Vec<(u64, u64, u64, bool)>, u64, String, GraceGuard<'_>)> {
+        let mut runs: Vec<(u64, u64, u64, bool)> = Vec::new();
+        let mut st = self.pool.state.lock();
+        let head = st.catalog.head(head_id)?;
+        let (root, exclusive_since, volume) = (
+            head.record.root,
+            head.record.exclusive_since,
+            head.record.volume.clone(),
+        );
+        let extents = MapReader {
+            store: &mut st.meta,
+        }
+        .lookup(root, first, first + n)
+        .map_err(|e| self.pool.fail_meta(e))?;
+        // Blocks the head owns are overwritten in place; the rest go to new blocks.
+        let mut fresh: Vec<(u64, u64)> = Vec::new();
+        for seg in segments(&extents, first, first + n) {
+            match seg.pblock {
+                Some(p) if seg.birth >= exclusive_since => match runs.last_mut() {
+                    Some((l, len, q, _)) if *l + *len == seg.lblock && *q + *len == p => {
+                        *len += seg.len
+                    }
+                    _ => runs.push((seg.lblock, seg.len, p, false)),
+                },
+                _ => match fresh.last_mut() {
+                    Some((l, len)) if *l + *len == seg.lblock => *len += seg.len,
+                    _ => fresh.push((seg.lblock, seg.len)),
+                },
+            }
+        }
+        if n >= REDIRECT_SCATTERED_MIN_BLOCKS && runs.len() + fresh.len() > 1 {
+            // A large write over scattered blocks goes to one new extent instead: one I/O
+            // rather than many small ones, and the range reads back contiguously. The
+            // owned blocks it replaces are freed at the next sync point.
+            runs.clear();
+            fresh = vec![(first, n)];
+        }
+        for (mut l, mut len) in fresh {
+            while len > 0 {
+                let (p, got) = st.data.alloc(len);
+                runs.push((l, got, p, true));
+                l += got;
+                len -= got;
+            }
+        }
+        // New blocks past the end of what the file system set aside grow the data file
+        // first; if it cannot grow, the write fails here, before anything is written.
+        if let Err(err) = st.reserve_data(&*self.pool.backend) {
+            free_fresh(&mut st, &runs);
+            return Err(err);
+        }
+        Ok((runs, exclusive_since, volume, self.pool.grace.enter()))
+    }
+
     /// Writes whole blocks from `first`: in place where the head alone owns the block, to new
     /// blocks elsewhere (redirect on write), then maps the new blocks.
     async fn write_blocks(&self, head_id: u64, first: u64, data: &[u8]) -> Result<()> {
@@ -610,82 +674,33 @@ impl Session {
                 .map(block_sum)
                 .collect()
         });
-        // (lblock, len, pblock, fresh)
-        let mut runs: Vec<(u64, u64, u64, bool)> = Vec::new();
-        let (exclusive_since, volume, _grace) = {
-            let mut st = self.pool.state.lock();
-            let head = st.catalog.head(head_id)?;
-            let (root, exclusive_since, volume) = (
-                head.record.root,
-                head.record.exclusive_since,
-                head.record.volume.clone(),
-            );
-            let extents = MapReader {
-                store: &mut st.meta,
+        let (runs, exclusive_since, volume, _grace, _intent) = loop {
+            let (runs, exclusive_since, volume, grace) = self.plan_write(head_id, first, n)?;
+            // Blocks written in place change under checksums already durable: their regions
+            // are recorded first, so that a crash makes them be computed again (`sums.rs`).
+            let mut regions: Vec<u64> = runs
+                .iter()
+                .filter(|run| !run.3 && self.checksums)
+                .flat_map(|&(_, len, p, _)| region_of(p)..=region_of(p + len - 1))
+                .collect();
+            regions.sort_unstable();
+            regions.dedup();
+            if regions.is_empty() {
+                break (runs, exclusive_since, volume, grace, None);
             }
-            .lookup(root, first, first + n)
-            .map_err(|e| self.pool.fail_meta(e))?;
-            // Blocks the head owns are overwritten in place; the rest go to new blocks.
-            let mut fresh: Vec<(u64, u64)> = Vec::new();
-            for seg in segments(&extents, first, first + n) {
-                match seg.pblock {
-                    Some(p) if seg.birth >= exclusive_since => match runs.last_mut() {
-                        Some((l, len, q, _)) if *l + *len == seg.lblock && *q + *len == p => {
-                            *len += seg.len
-                        }
-                        _ => runs.push((seg.lblock, seg.len, p, false)),
-                    },
-                    _ => match fresh.last_mut() {
-                        Some((l, len)) if *l + *len == seg.lblock => *len += seg.len,
-                        _ => fresh.push((seg.lblock, seg.len)),
-                    },
-                }
+            let (intent, unrecorded) = self.pool.intent.begin(regions);
+            if unrecorded.is_empty() {
+                break (runs, exclusive_since, volume, grace, Some(intent));
             }
-            if n >= REDIRECT_SCATTERED_MIN_BLOCKS && runs.len() + fresh.len() > 1 {
-                // A large write over scattered blocks goes to one new extent instead: one I/O
-                // rather than many small ones, and the range reads back contiguously. The
-                // owned blocks it replaces are freed at the next sync point.
-                runs.clear();
-                fresh = vec![(first, n)];
-            }
-            for (mut l, mut len) in fresh {
-                while len > 0 {
-                    let (p, got) = st.data.alloc(len);
-                    runs.push((l, got, p, true));
-                    l += got;
-                    len -= got;
-                }
-            }
-            // New blocks past the end of what the file system set aside grow the data file
-            // first; if it cannot grow, the write fails here, before anything is written.
-            if let Err(err) = st.reserve_data(&*self.pool.backend) {
-                free_fresh(&mut st, &runs);
-                return Err(err);
-            }
-            (exclusive_since, volume, self.pool.grace.enter())
-        };
-        // Blocks written in place change under checksums already durable: their regions are
-        // recorded first, so that a crash makes them be computed again (`sums.rs`).
-        let mut regions: Vec<u64> = runs
-            .iter()
-            .filter(|run| !run.3 && self.checksums)
-            .flat_map(|&(_, len, p, _)| region_of(p)..=region_of(p + len - 1))
-            .collect();
-        regions.sort_unstable();
-        regions.dedup();
-        let _intent = if regions.is_empty() {
-            None
-        } else {
-            let (guard, unrecorded) = self.pool.intent.begin(regions);
-            if !unrecorded.is_empty() {
-                let pool = self.pool.clone();
-                let recorded = run_blocking(move || pool.record_intent(&unrecorded)).await;
-                if let Err(err) = recorded {
-                    free_fresh(&mut self.pool.state.lock(), &runs);
-                    return Err(err);
-                }
-            }
-            Some(guard)
+            // Recording waits for the sync lock, and a sync point holding it waits for grace
+            // guards to end: give the new blocks and the guard back first, then plan again
+            // (the range lock and the gate keep the plan from changing meanwhile).
+            free_fresh(&mut self.pool.state.lock(), &runs);
+            drop(grace);
+            let pool = self.pool.clone();
+            let recorded = run_blocking(move || pool.record_intent(&unrecorded)).await;
+            drop(intent);
+            recorded?;
         };
         let pieces: Vec<Piece> = runs
             .iter()
