@@ -413,6 +413,63 @@ impl Collector for PoolCollector {
                 gauge(to_i64(report.reclaimed_bytes)),
             )?;
         }
+        single(
+            &mut encoder,
+            "checksum_errors",
+            "Reads and scrubs that found a data block not matching its checksum, since start",
+            None,
+            MetricType::Counter,
+            counter(pool.checksum_errors()),
+        )?;
+        let scrub = pool.scrub_status();
+        single(
+            &mut encoder,
+            "scrub_running",
+            "1 while a scrub runs",
+            None,
+            MetricType::Gauge,
+            gauge(i64::from(
+                scrub.as_ref().is_some_and(|s| s.state == "running"),
+            )),
+        )?;
+        if let Some(scrub) = &scrub {
+            for (name, help, value) in [
+                (
+                    "scrub_checked_blocks",
+                    "Data blocks the running or last scrub read and checked",
+                    scrub.checked_blocks,
+                ),
+                (
+                    "scrub_unchecked_blocks",
+                    "Data blocks without a checksum the running or last scrub read",
+                    scrub.unchecked_blocks,
+                ),
+                (
+                    "scrub_bad_blocks",
+                    "Data blocks the running or last scrub found not matching their checksum",
+                    scrub.bad_blocks,
+                ),
+            ] {
+                single(
+                    &mut encoder,
+                    name,
+                    help,
+                    None,
+                    MetricType::Gauge,
+                    gauge(to_i64(value)),
+                )?;
+            }
+            if let Some(finished_unix) = scrub.finished_unix {
+                single(
+                    &mut encoder,
+                    "scrub_last_finished_timestamp",
+                    "When the last scrub finished",
+                    Some(&Unit::Seconds),
+                    MetricType::Gauge,
+                    gauge(to_i64(finished_unix)),
+                )?;
+            }
+        }
         let last_seq = pool.last_event_seq();
         single(
             &mut encoder,

@@ -29,6 +29,10 @@ pub struct Volume {
     pub written_bytes: u64,
     /// For a clone: the ref it was cloned from. Null for a volume created empty.
     pub origin: Option<VolumeOrigin>,
+    /// Writes store a crc32c of every 4 KiB block and reads check it: a block that no longer
+    /// matches fails its reads (NBD EIO, iSCSI MEDIUM ERROR) and logs a `data.corrupted`
+    /// event. Chosen at creation; a clone has its source's setting.
+    pub checksums: bool,
 }
 
 impl From<engine::VolumeInfo> for Volume {
@@ -42,6 +46,7 @@ impl From<engine::VolumeInfo> for Volume {
             tags: info.tags as u64,
             written_bytes: info.written_bytes,
             origin: info.origin.map(VolumeOrigin::from),
+            checksums: info.checksums,
         }
     }
 }
@@ -238,6 +243,16 @@ pub struct CreateVolume {
     /// Size of the volume: bytes as a number, or a string such as "10GiB". A positive multiple
     /// of the 4096-byte block size.
     pub size: ByteSize,
+    /// Store a crc32c of every block written and check it on every read. Default true; false
+    /// serves whatever the disk holds (for data checked above grove, or to save the checksum
+    /// work).
+    #[serde(default = "checksums_default")]
+    #[schema(default = true)]
+    pub checksums: bool,
+}
+
+fn checksums_default() -> bool {
+    engine::VolumeOptions::default().checksums
 }
 
 /// A branch: a writable head.
@@ -516,6 +531,95 @@ impl PoolStatus {
             metadata_bytes: stats.metadata_bytes,
             io_backend: stats.io_backend,
             space: space.map(PoolSpace::from),
+        }
+    }
+}
+
+/// Body of `POST /v1/pool/scrub`; the body may be left out.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StartScrub {
+    /// Bandwidth budget in bytes per second: a number, or a size string such as "64MiB".
+    /// Default 64 MiB/s; must be above 0.
+    #[serde(default)]
+    #[schema(example = "64MiB")]
+    pub rate: Option<ByteSize>,
+}
+
+/// Where a scrub is.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScrubState {
+    /// Still reading blocks; the figures grow as it goes.
+    Running,
+    /// Every live block was read (bad ones included: see `bad_blocks`).
+    Completed,
+    /// Stopped early on an I/O error; `failure` says why.
+    Failed,
+}
+
+/// A data block found not matching its checksum.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ScrubError {
+    /// The ref it was found through (other refs may map the same block).
+    #[schema(example = "vm-1@main")]
+    pub export: String,
+    /// Where it is in that ref.
+    pub offset_bytes: u64,
+    /// Where it is in the pool's `data.grove`, in 4 KiB blocks.
+    pub data_block: u64,
+}
+
+impl From<engine::ScrubError> for ScrubError {
+    fn from(error: engine::ScrubError) -> Self {
+        ScrubError {
+            export: error.export,
+            offset_bytes: error.offset_bytes,
+            data_block: error.data_block,
+        }
+    }
+}
+
+/// A scrub's progress, then its result: every live data block of the pool read once and
+/// checked against its checksum.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub state: ScrubState,
+    /// Seconds since the Unix epoch.
+    pub started_unix: u64,
+    /// Null while running.
+    pub finished_unix: Option<u64>,
+    /// The bandwidth budget.
+    pub rate_bytes_per_second: u64,
+    /// Distinct data blocks read and checked (a block several refs share counts once).
+    pub checked_blocks: u64,
+    /// Blocks read that have no checksum (their volume has checksums off).
+    pub unchecked_blocks: u64,
+    /// Blocks that do not match their checksum.
+    pub bad_blocks: u64,
+    /// The first 1000 bad blocks.
+    pub errors: Vec<ScrubError>,
+    /// Why a failed scrub stopped; null otherwise.
+    pub failure: Option<String>,
+}
+
+impl From<engine::ScrubReport> for ScrubReport {
+    fn from(report: engine::ScrubReport) -> Self {
+        ScrubReport {
+            state: match report.state.as_str() {
+                "running" => ScrubState::Running,
+                "completed" => ScrubState::Completed,
+                // The engine has no other state; anything new is not a success.
+                _ => ScrubState::Failed,
+            },
+            started_unix: report.started_unix,
+            finished_unix: report.finished_unix,
+            rate_bytes_per_second: report.rate_bytes_per_second,
+            checked_blocks: report.checked_blocks,
+            unchecked_blocks: report.unchecked_blocks,
+            bad_blocks: report.bad_blocks,
+            errors: report.errors.into_iter().map(ScrubError::from).collect(),
+            failure: report.failure,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::routes;
     info(
         title = "grove",
         description = "Control plane of grove, a block-device versioning appliance: volumes, \
-            clones, branches, commits, tags, diffs, merges, blame, sessions and pool status.\n\n\
+            clones, branches, commits, tags, diffs, merges, blame, sessions, pool status and scrubs.\n\n\
             Errors are JSON `{\"error\": {\"code\": \"...\", \"message\": \"...\"}}` with a 4xx or \
             5xx status. A merge refused on conflicts (409, code `merge_conflict`) also lists the \
             conflicting byte ranges in `error.conflicts`.\n\n\
@@ -32,7 +32,7 @@ use crate::routes;
         (name = "events", description = "The durable event log, paged or streamed"),
         (name = "hooks", description = "Webhooks and exec hooks, blocking or not"),
         (name = "sessions", description = "Live NBD and iSCSI sessions"),
-        (name = "pool", description = "Pool capacity, use and space reclamation"),
+        (name = "pool", description = "Pool capacity, use, space reclamation and scrubs"),
         (name = "health", description = "Liveness, readiness and this document"),
     )
 )]
@@ -68,6 +68,8 @@ mod tests {
         ("get", "/v1/openapi.json"),
         ("get", "/v1/pool"),
         ("post", "/v1/pool/reclaim"),
+        ("get", "/v1/pool/scrub"),
+        ("post", "/v1/pool/scrub"),
         ("get", "/v1/sessions"),
         ("get", "/v1/volumes"),
         ("post", "/v1/volumes"),
@@ -216,6 +218,10 @@ mod tests {
             "VolumeSpaceScan",
             "VolumeSpaceTotals",
             "SpaceReport",
+            "StartScrub",
+            "ScrubReport",
+            "ScrubState",
+            "ScrubError",
             "CreateClone",
             "ResetBranch",
             "ByteRange",
@@ -240,6 +246,13 @@ mod tests {
             assert!(schemas.contains_key(name), "no schema {name}");
         }
         assert!(schemas["CreateTag"]["properties"].get("ref").is_some());
+        assert_eq!(
+            schemas["CreateVolume"]["properties"]["checksums"]["default"],
+            true
+        );
+        assert!(schemas["Volume"]["required"]
+            .as_array()
+            .is_some_and(|required| required.contains(&"checksums".into())));
         assert_eq!(
             document["openapi"].as_str().map(|v| v.starts_with("3.")),
             Some(true)

@@ -1634,3 +1634,257 @@ async fn history_crosses_into_clones() {
     assert_eq!(branch["head_commit"], first.as_str());
     assert!(api.read("vm", 0, 4 * KIB).await.iter().all(|&b| b == 0x0a));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Checksums and scrubs.
+
+#[tokio::test]
+async fn volumes_have_checksums_unless_created_without() {
+    let api = Api::new();
+    let on = api
+        .post("/v1/volumes", json!({"name": "on", "size": "1MiB"}))
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(on["checksums"], true, "{on}");
+    let off = api
+        .post(
+            "/v1/volumes",
+            json!({"name": "off", "size": "1MiB", "checksums": false}),
+        )
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(off["checksums"], false, "{off}");
+    let explicit = api
+        .post(
+            "/v1/volumes",
+            json!({"name": "also-on", "size": "1MiB", "checksums": true}),
+        )
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(explicit["checksums"], true);
+
+    assert_eq!(
+        api.get("/v1/volumes/off").await.expect(StatusCode::OK)["checksums"],
+        false
+    );
+    let listed: Vec<(Value, Value)> = api
+        .get("/v1/volumes")
+        .await
+        .expect(StatusCode::OK)
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| (v["name"].clone(), v["checksums"].clone()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (json!("also-on"), json!(true)),
+            (json!("off"), json!(false)),
+            (json!("on"), json!(true)),
+        ]
+    );
+    // A clone keeps its source's setting.
+    let clone = api
+        .post("/v1/volumes/off/clones", json!({"name": "off-2"}))
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(clone["checksums"], false, "{clone}");
+
+    api.post(
+        "/v1/volumes",
+        json!({"name": "bad", "size": "1MiB", "checksums": "no"}),
+    )
+    .await
+    .expect_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.post(
+        "/v1/volumes",
+        json!({"name": "bad", "size": "1MiB", "checksum": false}),
+    )
+    .await
+    .expect_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.get("/v1/volumes/bad")
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
+}
+
+/// Distinct content for block `i`.
+fn block(i: u64) -> Vec<u8> {
+    (0..4096u64).map(|b| (b * 7 + i * 131) as u8).collect()
+}
+
+impl Api {
+    /// Flips a byte of the block of `data.grove` that holds `content`.
+    fn damage(&self, content: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let path = self._dir.path().join("data.grove");
+        let image = std::fs::read(&path).expect("read data.grove");
+        let at = image
+            .chunks_exact(4096)
+            .position(|b| b == content)
+            .expect("the block is in data.grove");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open data.grove");
+        file.write_all_at(&[content[100] ^ 0x40], (at * 4096 + 100) as u64)
+            .expect("damage data.grove");
+    }
+
+    /// Polls `GET /v1/pool/scrub` until the scrub is no longer running.
+    async fn scrub_result(&self) -> Value {
+        for _ in 0..1000 {
+            let report = self.get("/v1/pool/scrub").await.expect(StatusCode::OK);
+            if report["state"] != "running" {
+                return report;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the scrub is still running after 10 s");
+    }
+
+    /// `GET` of a route that answers text, such as `/metrics`.
+    async fn text(&self, uri: &str) -> String {
+        let request = Request::builder()
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request");
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("UTF-8")
+    }
+}
+
+/// The value of an unlabelled sample in a scrape.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.split_once(' ')?;
+        (series == name).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test]
+async fn scrubs_check_every_block_and_report_damage() {
+    let api = Api::new();
+    api.get("/v1/pool/scrub")
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
+    api.volume("vm").await;
+    let session = api.session("vm");
+    for i in 0..8 {
+        session
+            .write(i * 4 * KIB, &block(i), false)
+            .await
+            .expect("write");
+    }
+    session.flush().await.expect("flush");
+
+    // No body at all: the default rate.
+    let reply = api.raw_post("/v1/pool/scrub", None, "").await;
+    assert_eq!(reply.location.as_deref(), Some("/v1/pool/scrub"));
+    let started = reply.expect(StatusCode::ACCEPTED);
+    assert_eq!(started["state"], "running", "{started}");
+    assert_eq!(started["rate_bytes_per_second"], 64 * MIB);
+    assert_eq!(started["finished_unix"], Value::Null);
+    let clean = api.scrub_result().await;
+    assert_eq!(clean["state"], "completed", "{clean}");
+    assert_eq!(clean["checked_blocks"], 8);
+    assert_eq!(clean["bad_blocks"], 0);
+    assert_eq!(clean["errors"], json!([]));
+    assert_eq!(clean["failure"], Value::Null);
+    assert!(clean["finished_unix"].is_u64());
+    let metrics = api.text("/metrics").await;
+    assert_eq!(sample(&metrics, "grove_checksum_errors_total"), Some(0.0));
+    assert_eq!(sample(&metrics, "grove_scrub_checked_blocks"), Some(8.0));
+    assert_eq!(sample(&metrics, "grove_scrub_running"), Some(0.0));
+
+    api.damage(&block(5));
+    let started = api
+        .post("/v1/pool/scrub", json!({"rate": "1GiB"}))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    assert_eq!(started["rate_bytes_per_second"], 1u64 << 30);
+    let report = api.scrub_result().await;
+    assert_eq!(report["state"], "completed", "{report}");
+    assert_eq!(report["checked_blocks"], 8);
+    assert_eq!(report["bad_blocks"], 1);
+    let errors = report["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{report}");
+    assert_eq!(errors[0]["export"], "vm");
+    assert_eq!(errors[0]["offset_bytes"], 5 * 4 * KIB);
+    assert!(errors[0]["data_block"].is_u64());
+    // Reads of the block fail; its neighbours read fine.
+    assert!(matches!(
+        session.read(5 * 4 * KIB, 4 * KIB).await,
+        Err(grove_engine::Error::Corrupt { .. })
+    ));
+    assert_eq!(
+        session.read(4 * 4 * KIB, 4 * KIB).await.expect("read"),
+        block(4)
+    );
+    let metrics = api.text("/metrics").await;
+    assert!(
+        sample(&metrics, "grove_checksum_errors_total").unwrap_or_default() >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(sample(&metrics, "grove_scrub_bad_blocks"), Some(1.0));
+    // One event for the block, from the scrub that found it first.
+    api.pool.flush().await.expect("flush");
+    let events = api
+        .get("/v1/events?type=data.corrupted")
+        .await
+        .expect(StatusCode::OK);
+    let events = events["events"].as_array().expect("events").clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["volume"], "vm");
+    assert_eq!(events[0]["offset_bytes"], 5 * 4 * KIB);
+    assert_eq!(events[0]["found_by"], "scrub");
+    let completed = api
+        .get("/v1/events?type=scrub.completed")
+        .await
+        .expect(StatusCode::OK);
+    assert_eq!(completed["events"].as_array().map(Vec::len), Some(2));
+
+    // Bad requests start nothing.
+    for (body, code) in [
+        (json!({"rate": 0}), "invalid_argument"),
+        (json!({"rate": "fast"}), "invalid_request"),
+        (json!({"rate": -1}), "invalid_request"),
+        (json!({"speed": 1}), "invalid_request"),
+    ] {
+        api.post("/v1/pool/scrub", body)
+            .await
+            .expect_error(StatusCode::BAD_REQUEST, code);
+    }
+    assert_eq!(
+        api.get("/v1/pool/scrub").await.expect(StatusCode::OK)["state"],
+        "completed"
+    );
+
+    // One at a time: at 1 byte per second this one runs until the test ends.
+    let slow = api
+        .post("/v1/pool/scrub", json!({"rate": 1}))
+        .await
+        .expect(StatusCode::ACCEPTED);
+    assert_eq!(slow["state"], "running");
+    api.raw_post("/v1/pool/scrub", None, "")
+        .await
+        .expect_error(StatusCode::CONFLICT, "conflict");
+    assert_eq!(
+        api.get("/v1/pool/scrub").await.expect(StatusCode::OK)["state"],
+        "running"
+    );
+    let metrics = api.text("/metrics").await;
+    assert_eq!(sample(&metrics, "grove_scrub_running"), Some(1.0));
+}

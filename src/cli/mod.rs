@@ -16,6 +16,7 @@ mod output;
 mod pool;
 mod refs;
 mod reset;
+mod scrub;
 mod sessions;
 mod status;
 mod tag;
@@ -62,6 +63,9 @@ pub enum Command {
     Volume(volume::VolumeCommand),
     /// Show the pool's capacity, used and free bytes; `pool reclaim` frees unreferenced space.
     Pool(pool::PoolArgs),
+    /// Check every data block of the pool against its checksum, online; --wait for the result
+    /// (exit 1 if a block is bad), --status for the running or last scrub.
+    Scrub(scrub::ScrubArgs),
     /// Create, list and delete branches.
     #[command(subcommand)]
     Branch(branch::BranchCommand),
@@ -125,6 +129,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => crate::serve::main(args),
         Command::Volume(command) => volume::run(&client()?, json, command),
         Command::Pool(args) => pool::run(&client()?, json, args),
+        Command::Scrub(args) => scrub::run(&client()?, json, args),
         Command::Branch(command) => branch::run(&client()?, json, command),
         Command::Commit(args) => commit::run(&client()?, json, args),
         Command::Tag(command) => tag::run(&client()?, json, command),
@@ -227,6 +232,12 @@ mod tests {
             "grove blame vm --offset 1MiB --length 64KiB",
             "grove commit delete vm 3f2a9c",
             "grove pool reclaim",
+            "grove volume create vm --size 10GiB --no-checksums",
+            "grove scrub",
+            "grove scrub --rate 64MiB --wait",
+            "grove scrub --rate 1GiB/s",
+            "grove scrub --status",
+            "grove scrub --status --wait --json",
         ] {
             let words: Vec<&str> = line.split(' ').collect();
             Cli::try_parse_from(&words).unwrap_or_else(|error| panic!("{line}: {error}"));
@@ -269,6 +280,12 @@ mod tests {
         assert!(Cli::try_parse_from(["grove", "diff", "vm"]).is_err());
         assert!(Cli::try_parse_from(["grove", "reset", "vm@dev"]).is_err());
         assert!(Cli::try_parse_from(["grove", "pool", "scrub"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "scrub", "--rate", "0"]).is_err());
+        assert!(Cli::try_parse_from(["grove", "scrub", "--rate", "fast"]).is_err());
+        assert!(
+            Cli::try_parse_from(["grove", "scrub", "--status", "--rate", "1GiB"]).is_err(),
+            "--status starts nothing"
+        );
     }
 
     #[test]

@@ -12,13 +12,18 @@ use super::refs;
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create an empty volume with a main branch.
+    /// Create an empty volume with a main branch; every block written gets a checksum unless
+    /// --no-checksums.
     Create {
         /// Volume name: 1-63 lowercase letters, digits and '-'.
         volume: String,
         /// Size, such as 10GiB, 512MiB or 1TiB (a multiple of 4 KiB).
         #[arg(long, value_name = "SIZE")]
         size: ByteSize,
+        /// Store no checksums: reads return what the disk holds, damaged or not. By default
+        /// every block written gets a crc32c that every read checks.
+        #[arg(long)]
+        no_checksums: bool,
     },
     /// Create a volume from a ref of another, in O(1): it shares every block, nothing is copied.
     Clone {
@@ -39,20 +44,25 @@ pub enum VolumeCommand {
 
 pub fn run(client: &Client, json: bool, command: VolumeCommand) -> anyhow::Result<()> {
     match command {
-        VolumeCommand::Create { volume, size } => {
+        VolumeCommand::Create {
+            volume,
+            size,
+            no_checksums,
+        } => {
             validate::volume_name(&volume)?;
             let text = client.post(
                 "/v1/volumes",
-                &json!({"name": volume, "size": size.bytes()}),
+                &json!({"name": volume, "size": size.bytes(), "checksums": !no_checksums}),
             )?;
             if json {
                 return print_json(&text);
             }
             let created: Volume = decode(&text)?;
             println!(
-                "created volume {} ({})",
+                "created volume {} ({}, checksums {})",
                 created.name,
-                format_size(created.size_bytes)
+                format_size(created.size_bytes),
+                on_off(created.checksums)
             );
         }
         VolumeCommand::List => {
@@ -62,7 +72,15 @@ pub fn run(client: &Client, json: bool, command: VolumeCommand) -> anyhow::Resul
             }
             let volumes: Vec<Volume> = decode(&text)?;
             let mut table = Table::new(&[
-                "NAME", "SIZE", "WRITTEN", "BRANCHES", "COMMITS", "TAGS", "CREATED", "ORIGIN",
+                "NAME",
+                "SIZE",
+                "WRITTEN",
+                "BRANCHES",
+                "COMMITS",
+                "TAGS",
+                "CHECKSUMS",
+                "CREATED",
+                "ORIGIN",
             ]);
             for volume in volumes {
                 table.row(vec![
@@ -72,6 +90,7 @@ pub fn run(client: &Client, json: bool, command: VolumeCommand) -> anyhow::Resul
                     volume.branches.to_string(),
                     volume.commits.to_string(),
                     volume.tags.to_string(),
+                    on_off(volume.checksums).to_string(),
                     time(volume.created_unix),
                     or_dash(volume.origin.as_ref().map(|o| o.source.as_str())),
                 ]);
@@ -121,6 +140,14 @@ pub fn run(client: &Client, json: bool, command: VolumeCommand) -> anyhow::Resul
     Ok(())
 }
 
+fn on_off(value: bool) -> &'static str {
+    if value {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 fn bytes(value: u64) -> String {
     format!("{} ({value} bytes)", format_size(value))
 }
@@ -146,6 +173,7 @@ fn print_volume(detail: VolumeDetail) {
         ("branches", volume.branches.to_string()),
         ("commits", volume.commits.to_string()),
         ("tags", volume.tags.to_string()),
+        ("checksums", on_off(volume.checksums).to_string()),
         ("created", time(volume.created_unix)),
     ];
     let Some(space) = space else {

@@ -1,13 +1,15 @@
-//! `GET /v1/pool` and `POST /v1/pool/reclaim`.
+//! `GET /v1/pool`, `POST /v1/pool/reclaim` and `/v1/pool/scrub`.
 
 use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Json;
 use grove_engine::Pool;
 
-use super::blocking;
+use super::{blocking, location};
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::Acting;
-use crate::model::{PoolStatus, SpaceReport};
+use crate::extract::{Acting, OptionalJsonBody};
+use crate::model::{PoolStatus, ScrubReport, SpaceReport, StartScrub};
 
 /// Capacity, used and free bytes of the pool, with the totals of the latest space scan.
 #[utoipa::path(
@@ -53,4 +55,55 @@ pub async fn pool_status(State(pool): State<Pool>) -> Result<Json<PoolStatus>, A
 pub async fn reclaim(Acting(pool): Acting) -> Result<Json<SpaceReport>, ApiError> {
     let report = pool.reclaim().await?;
     Ok(Json(report.into()))
+}
+
+/// Start a scrub: read every live data block of the pool and check it against its checksum.
+///
+/// The scrub runs in the background, online, within a bandwidth budget (`rate`, default
+/// 64 MiB/s); `GET /v1/pool/scrub` follows it. Each bad block it finds is logged as a
+/// `data.corrupted` event, unless a read already reported that block, and the end as a
+/// `scrub.completed` event. Blocks of volumes with checksums off are read and counted as
+/// unchecked. The body may be left out.
+#[utoipa::path(
+    post,
+    path = "/v1/pool/scrub",
+    tag = "pool",
+    request_body(content = Option<StartScrub>, description = "Optional bandwidth budget"),
+    responses(
+        (status = 202, description = "The scrub started; its report so far", body = ScrubReport,
+            headers(("location" = String, description = "Where to follow it: /v1/pool/scrub"))),
+        (status = 400, description = "Invalid rate or body", body = ErrorBody),
+        (status = 409, description = "A scrub is already running", body = ErrorBody),
+    )
+)]
+pub async fn start_scrub(
+    Acting(pool): Acting,
+    OptionalJsonBody(request): OptionalJsonBody<StartScrub>,
+) -> Result<impl IntoResponse, ApiError> {
+    let report = pool.start_scrub(request.rate.map(|rate| rate.bytes()))?;
+    let headers = location("/v1/pool/scrub".to_string());
+    Ok((
+        StatusCode::ACCEPTED,
+        headers,
+        Json(ScrubReport::from(report)),
+    ))
+}
+
+/// The running scrub's progress, or the last scrub's result.
+#[utoipa::path(
+    get,
+    path = "/v1/pool/scrub",
+    tag = "pool",
+    responses(
+        (status = 200, description = "The running or last scrub", body = ScrubReport),
+        (status = 404, description = "No scrub has run since the server started", body = ErrorBody),
+    )
+)]
+pub async fn scrub_status(State(pool): State<Pool>) -> Result<Json<ScrubReport>, ApiError> {
+    match pool.scrub_status() {
+        Some(report) => Ok(Json(report.into())),
+        None => Err(ApiError::not_found(
+            "no scrub has run since the server started (POST /v1/pool/scrub starts one)",
+        )),
+    }
 }

@@ -31,6 +31,7 @@ pub async fn list_volumes(State(pool): State<Pool>) -> Result<Json<Vec<Volume>>,
 /// Create a volume.
 ///
 /// The volume starts empty (reads return zeros) with one branch, `main`, and no commits.
+/// Unless `checksums` is false, every block written gets a crc32c that every read checks.
 #[utoipa::path(
     post,
     path = "/v1/volumes",
@@ -50,7 +51,12 @@ pub async fn create_volume(
 ) -> Result<impl IntoResponse, ApiError> {
     validate::volume_name(&request.name)?;
     let size_bytes = validate::volume_size(request.size)?;
-    let info = pool.create_volume(&request.name, size_bytes).await?;
+    let options = grove_engine::VolumeOptions {
+        checksums: request.checksums,
+    };
+    let info = pool
+        .create_volume_with(&request.name, size_bytes, options)
+        .await?;
     let headers = location(format!("/v1/volumes/{}", info.name));
     Ok((StatusCode::CREATED, headers, Json(Volume::from(info))))
 }
