@@ -227,6 +227,8 @@ pub(crate) struct PoolInner {
     pub(crate) checksum_errors: AtomicU64,
     /// The running or last scrub.
     pub(crate) scrub: Mutex<Option<crate::scrub::ScrubReport>>,
+    /// Asks the running scrub to stop.
+    pub(crate) scrub_stop: AtomicBool,
 }
 
 /// A handle on an open pool; clones share it.
@@ -316,6 +318,7 @@ impl Pool {
             bad_blocks: Default::default(),
             checksum_errors: AtomicU64::new(0),
             scrub: Mutex::new(None),
+            scrub_stop: AtomicBool::new(false),
         };
         Ok(Pool {
             inner: Arc::new(inner),

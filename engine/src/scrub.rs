@@ -9,7 +9,7 @@
 //! commits and deletes: what was deleted meanwhile is skipped, what was written meanwhile is
 //! checked as it is then.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use roaring::RoaringTreemap;
@@ -46,7 +46,7 @@ pub struct ScrubError {
 /// A scrub's progress, then its result.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ScrubReport {
-    /// "running", "completed" or "failed".
+    /// "running", "completed", "stopped" or "failed".
     pub state: String,
     pub started_unix: u64,
     pub finished_unix: Option<u64>,
@@ -100,6 +100,7 @@ impl Pool {
                 ..Default::default()
             };
             *status = Some(report.clone());
+            self.inner.scrub_stop.store(false, Ordering::Release);
             report
         };
         let pool = self.clone();
@@ -109,7 +110,8 @@ impl Pool {
             if let Some(report) = status.as_mut() {
                 report.finished_unix = Some(now_unix());
                 match result {
-                    Ok(()) => report.state = "completed".into(),
+                    Ok(true) => report.state = "completed".into(),
+                    Ok(false) => report.state = "stopped".into(),
                     Err(err) => {
                         report.state = "failed".into();
                         report.failure = Some(err.to_string());
@@ -118,6 +120,13 @@ impl Pool {
             }
         });
         Ok(report)
+    }
+
+    /// Asks a running scrub to stop (it ends within a chunk); returns its report, or `None`
+    /// when no scrub ran since the pool was opened.
+    pub fn stop_scrub(&self) -> Option<ScrubReport> {
+        self.inner.scrub_stop.store(true, Ordering::Release);
+        self.scrub_status()
     }
 
     /// The running or last scrub since the pool was opened.
@@ -140,7 +149,8 @@ impl Pool {
         }
     }
 
-    async fn scrub_all(&self, rate: u64) -> Result<()> {
+    /// Scrubs everything; `false` if asked to stop first.
+    async fn scrub_all(&self, rate: u64) -> Result<bool> {
         let walks: Vec<(String, u64, Walk)> = {
             let st = self.inner.state.lock();
             let mut walks = Vec::new();
@@ -166,6 +176,7 @@ impl Pool {
             walks
         };
         let mut seen = RoaringTreemap::new();
+        let stop = &self.inner.scrub_stop;
         let mut pace = Pace {
             started: Instant::now(),
             rate,
@@ -188,7 +199,9 @@ impl Pool {
                     while l < seg.lblock + seg.len {
                         let n = CHUNK_BLOCKS.min(seg.lblock + seg.len - l);
                         let read = self.scrub_chunk(&volume, &walk, l, n, &mut seen).await?;
-                        pace.wait(read).await;
+                        if !pace.wait(read, stop).await {
+                            return Ok(false);
+                        }
                         l += n;
                     }
                 }
@@ -203,7 +216,8 @@ impl Pool {
         };
         self.inner
             .change(self.actor.clone(), move |_| Ok((Vec::new(), vec![event])))
-            .await
+            .await?;
+        Ok(true)
     }
 
     /// Checks the blocks of `[l, l + n)` of a ref not checked yet; returns the bytes read.
@@ -350,12 +364,19 @@ struct Pace {
 }
 
 impl Pace {
-    async fn wait(&mut self, bytes: u64) {
+    /// Waits until `bytes` more are within the budget; `false` as soon as `stop` is set.
+    async fn wait(&mut self, bytes: u64, stop: &AtomicBool) -> bool {
         self.bytes += bytes;
         let due = Duration::from_secs_f64(self.bytes as f64 / self.rate as f64);
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            let elapsed = self.started.elapsed();
+            if due <= elapsed {
+                return true;
+            }
+            tokio::time::sleep((due - elapsed).min(Duration::from_millis(100))).await;
         }
     }
 }

@@ -145,9 +145,18 @@ async fn a_scrub_finds_damage_in_heads_and_commits_and_counts_shared_blocks_once
         .unwrap()
         .events;
     assert_eq!(events.len(), 4, "{events:?}");
-    // A second scrub cannot start while one runs.
+    // A second scrub cannot start while one runs; a running one can be stopped.
     pool.start_scrub(Some(1)).unwrap();
     assert!(matches!(pool.start_scrub(None), Err(Error::Conflict(_))));
+    pool.stop_scrub().unwrap();
+    for _ in 0..100 {
+        if pool.scrub_status().unwrap().state != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(pool.scrub_status().unwrap().state, "stopped");
+    pool.start_scrub(None).unwrap();
 }
 
 #[tokio::test]

@@ -554,6 +554,8 @@ pub enum ScrubState {
     Running,
     /// Every live block was read (bad ones included: see `bad_blocks`).
     Completed,
+    /// Stopped on request (`DELETE /v1/pool/scrub`) before the end.
+    Stopped,
     /// Stopped early on an I/O error; `failure` says why.
     Failed,
 }
@@ -609,6 +611,7 @@ impl From<engine::ScrubReport> for ScrubReport {
             state: match report.state.as_str() {
                 "running" => ScrubState::Running,
                 "completed" => ScrubState::Completed,
+                "stopped" => ScrubState::Stopped,
                 // The engine has no other state; anything new is not a success.
                 _ => ScrubState::Failed,
             },

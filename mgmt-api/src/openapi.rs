@@ -70,6 +70,7 @@ mod tests {
         ("post", "/v1/pool/reclaim"),
         ("get", "/v1/pool/scrub"),
         ("post", "/v1/pool/scrub"),
+        ("delete", "/v1/pool/scrub"),
         ("get", "/v1/sessions"),
         ("get", "/v1/volumes"),
         ("post", "/v1/volumes"),

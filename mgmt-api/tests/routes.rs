@@ -1887,4 +1887,19 @@ async fn scrubs_check_every_block_and_report_damage() {
     );
     let metrics = api.text("/metrics").await;
     assert_eq!(sample(&metrics, "grove_scrub_running"), Some(1.0));
+
+    // Stopped on request, it ends as "stopped" and another can start.
+    api.delete("/v1/pool/scrub").await.expect(StatusCode::OK);
+    let mut state = Value::Null;
+    for _ in 0..100 {
+        state = api.get("/v1/pool/scrub").await.expect(StatusCode::OK)["state"].clone();
+        if state != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, "stopped");
+    api.raw_post("/v1/pool/scrub", None, "")
+        .await
+        .expect(StatusCode::ACCEPTED);
 }

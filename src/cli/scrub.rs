@@ -1,6 +1,7 @@
-//! `grove scrub [--rate SIZE_PER_SECOND] [--wait]` and `grove scrub --status [--wait]`: starts a
-//! scrub, which reads every live data block of the pool and checks it against its checksum,
-//! online (`POST /v1/pool/scrub`), or shows the running or last one (`GET /v1/pool/scrub`).
+//! `grove scrub [--rate SIZE_PER_SECOND] [--wait]`, `grove scrub --status [--wait]` and
+//! `grove scrub --stop`: starts a scrub, which reads every live data block of the pool and
+//! checks it against its checksum, online (`POST /v1/pool/scrub`), shows the running or last
+//! one (`GET /v1/pool/scrub`), or stops the running one (`DELETE /v1/pool/scrub`).
 //! With `--wait` it follows the scrub to its end and exits non-zero when it found bad blocks or
 //! failed, so that scripts and timers can act on it.
 
@@ -26,8 +27,11 @@ pub struct ScrubArgs {
     #[arg(long)]
     pub wait: bool,
     /// Show the running or last scrub instead of starting one.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stop")]
     pub status: bool,
+    /// Stop the running scrub (it ends with state "stopped").
+    #[arg(long, conflicts_with_all = ["rate", "wait"])]
+    pub stop: bool,
 }
 
 /// How often `--wait` asks how far the scrub got.
@@ -45,6 +49,22 @@ fn parse_rate(text: &str) -> Result<ByteSize, String> {
 pub fn run(client: &Client, json: bool, args: ScrubArgs) -> anyhow::Result<()> {
     let mut text = if args.status {
         status(client)?
+    } else if args.stop {
+        client.delete("/v1/pool/scrub").map_err(|error| {
+            match error.downcast_ref::<super::client::ApiFailure>() {
+                Some(failure) if failure.status == 404 => {
+                    anyhow::anyhow!("no scrub has run since the server started")
+                }
+                _ => error,
+            }
+        })?;
+        // The answer is the report as it was when asked; show how it ended.
+        let mut text = status(client)?;
+        while decode::<ScrubReport>(&text)?.state == ScrubState::Running {
+            std::thread::sleep(Duration::from_millis(100));
+            text = status(client)?;
+        }
+        text
     } else {
         let body = match args.rate {
             Some(rate) => json!({"rate": rate.bytes()}),
@@ -111,6 +131,7 @@ fn print_report(report: &ScrubReport) {
     let state = match report.state {
         ScrubState::Running => "running",
         ScrubState::Completed => "completed",
+        ScrubState::Stopped => "stopped",
         ScrubState::Failed => "failed",
     };
     let mut fields = vec![
@@ -160,8 +181,11 @@ fn print_report(report: &ScrubReport) {
     }
 }
 
-/// Fails when a finished scrub found bad blocks or stopped early.
+/// Fails when a finished scrub found bad blocks, failed or was stopped.
 fn verdict(report: &ScrubReport) -> anyhow::Result<()> {
+    if report.state == ScrubState::Stopped {
+        anyhow::bail!("the scrub was stopped before it read every block");
+    }
     if report.state == ScrubState::Failed {
         anyhow::bail!(
             "the scrub failed: {}",

@@ -29,7 +29,11 @@ pub(crate) fn api_router() -> OpenApiRouter<Pool> {
         .routes(routes!(health::openapi_json))
         .routes(routes!(pool::pool_status))
         .routes(routes!(pool::reclaim))
-        .routes(routes!(pool::scrub_status, pool::start_scrub))
+        .routes(routes!(
+            pool::scrub_status,
+            pool::start_scrub,
+            pool::stop_scrub
+        ))
         .routes(routes!(sessions::list_sessions))
         .routes(routes!(events::list_events))
         .routes(routes!(events::stream_events))

@@ -89,6 +89,26 @@ pub async fn start_scrub(
     ))
 }
 
+/// Stop the running scrub; it ends within one chunk of blocks with state `stopped`.
+/// Answers with its report (as it was when asked); stopping a finished scrub changes nothing.
+#[utoipa::path(
+    delete,
+    path = "/v1/pool/scrub",
+    tag = "pool",
+    responses(
+        (status = 200, description = "The scrub's report", body = ScrubReport),
+        (status = 404, description = "No scrub has run since the server started", body = ErrorBody),
+    )
+)]
+pub async fn stop_scrub(State(pool): State<Pool>) -> Result<Json<ScrubReport>, ApiError> {
+    match pool.stop_scrub() {
+        Some(report) => Ok(Json(report.into())),
+        None => Err(ApiError::not_found(
+            "no scrub has run since the server started",
+        )),
+    }
+}
+
 /// The running scrub's progress, or the last scrub's result.
 #[utoipa::path(
     get,
