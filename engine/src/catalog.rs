@@ -26,7 +26,9 @@ impl BlobRef {
             .len_bytes
             .div_ceil(crate::format::PAGE_SIZE as u64)
             .max(1);
-        self.page..self.page + n
+        // Saturating: a damaged record's pointer must not overflow; open refuses it
+        // (`pool::recover_with` checks every blob lies inside the metadata file).
+        self.page..self.page.saturating_add(n)
     }
 }
 

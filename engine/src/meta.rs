@@ -521,7 +521,11 @@ impl MetaStore {
 
     pub fn read_blob(&self, start: u64, len_bytes: u64, crc: u32) -> Result<Vec<u8>> {
         let pages = len_bytes.div_ceil(PAGE_SIZE as u64).max(1);
-        if start == 0 || start + pages > self.pages.end() {
+        if start == 0
+            || start
+                .checked_add(pages)
+                .is_none_or(|end| end > self.pages.end())
+        {
             return Err(Error::corrupt(
                 "commit bitmap pointer outside the metadata file",
                 format!("meta page {start}"),

@@ -1800,13 +1800,20 @@ pub(crate) fn recover_with(
             vol.blocks = blocks;
         }
     }
-    for commit in catalog.volumes.values().flat_map(|v| v.commits.values()) {
-        used_pages.insert_range(commit.bitmap.pages());
-    }
-    for head in catalog.heads.values() {
-        for blob in head.record.blobs() {
-            used_pages.insert_range(blob.pages());
+    let blobs = catalog
+        .volumes
+        .values()
+        .flat_map(|v| v.commits.values().map(|c| c.bitmap))
+        .chain(catalog.heads.values().flat_map(|h| h.record.blobs()));
+    for blob in blobs {
+        let pages = blob.pages();
+        if pages.start == 0 || pages.end > meta_len_pages.max(1) {
+            return Err(Error::corrupt(
+                "bitmap pointer outside the metadata file",
+                format!("meta page {}", blob.page),
+            ));
         }
+        used_pages.insert_range(pages);
     }
     if used_blocks.contains(0) {
         return Err(Error::corrupt(
