@@ -206,6 +206,20 @@ if [ -z "${CARGO_TEST_ARGS:-}" ]; then
     env GROVE_CRASH_SEEDS=2000 GROVE_HISTORY_SEEDS=500 \
     cargo test --release --locked -p grove-engine --test crash_model --test history_model
 fi
+# The benchmark's smoke mode (bench/): every workload once, small and short, so that the
+# benchmark keeps working. Its figures are printed, never checked: this step fails only when
+# the benchmark itself does. The release build comes first, outside the time limit.
+# shellcheck disable=SC2317 # called through step
+bench_quick() {
+  local release="${CARGO_TARGET_DIR:-target}/release"
+  cargo build --release --locked -p grove --bin grove -p grove-bench &&
+    timeout --kill-after=30 "$TEST_STEP_TIMEOUT_SECONDS" \
+      "$release/grove-bench" --quick --grove "$release/grove" \
+      --json "$release/bench-quick.json"
+}
+if [ -z "${CARGO_TEST_ARGS:-}" ]; then
+  step "benchmark, --quick" bench_quick
+fi
 # Coverage-guided fuzzing, short: every target of fuzz/ for 15 s (scripts/fuzz.sh runs longer
 # campaigns). Skipped when only some tests were asked for, or with GROVE_TEST_NO_FUZZ=1.
 if [ -z "${CARGO_TEST_ARGS:-}" ] && [ "${GROVE_TEST_NO_FUZZ:-0}" != 1 ]; then

@@ -9,9 +9,16 @@
 //! after the NBD jobs, so it never competes with them, and needs root; without root or
 //! without tgtd only grove's iSCSI figures are taken.
 //!
+//! Then workloads 6 and 7 (module `versioning`): commit, branch, tag and diff latency against
+//! qcow2's snapshots and full reads, I/O latency while commits are deleted, and grove's peak
+//! RSS against its metadata cache, each shown next to its target (never asserted).
+//!
 //! `--quick` is a smoke test of the benchmark itself (small volume, short jobs); its numbers
 //! mean little. Machines are shared and noisy: compare ratios from one run, never absolute
 //! thresholds.
+
+mod nbd_writer;
+mod versioning;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +51,9 @@ struct Args {
     /// Leave out the iSCSI jobs (grove's iSCSI target against tgt with iscsi-perf).
     #[arg(long)]
     no_iscsi: bool,
+    /// grove's metadata cache (`--cache-size`) in MiB; workload 7 sets peak RSS against it.
+    #[arg(long, default_value_t = 256)]
+    cache_mib: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
@@ -84,8 +94,45 @@ struct Server {
 
 impl Server {
     fn uri(&self) -> String {
-        format!("nbd+unix:///vol?socket={}", self.socket.display())
+        self.export_uri("vol")
     }
+
+    fn export_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// Stops the server with SIGTERM and waits for it, killing it after 30 s: grove flushes its
+    /// pool, and qemu-nbd writes back its qcow2 metadata cache (after a SIGKILL the image's
+    /// L2 tables would not map what was written).
+    fn stop(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        send_signal(self.child.id(), "TERM")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("{} did not stop within 30 s of SIGTERM", self.peer.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+/// Sends `signal` (a name such as "TERM") to `pid`, a process this benchmark started.
+fn send_signal(pid: u32, signal: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed");
+    }
+    Ok(())
 }
 
 impl Drop for Server {
@@ -139,8 +186,17 @@ fn tool_installed(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn start_grove(grove: &Path, dir: &Path, size_bytes: u64) -> Result<Server> {
+/// Starts grove on `dir` (a pool there is reopened) with a metadata cache of `cache_bytes`, and
+/// creates `volumes` (name, size in bytes).
+fn start_grove(
+    grove: &Path,
+    dir: &Path,
+    cache_bytes: u64,
+    volumes: &[(&str, u64)],
+) -> Result<Server> {
     let socket = dir.join("grove.sock");
+    // A socket left by an earlier run on this directory would look like a ready server.
+    let _ = std::fs::remove_file(&socket);
     let port = free_port()?;
     let iscsi_port = free_port()?;
     let api = format!("http://127.0.0.1:{port}");
@@ -157,14 +213,18 @@ fn start_grove(grove: &Path, dir: &Path, size_bytes: u64) -> Result<Server> {
         ])
         .arg("--nbd-socket")
         .arg(&socket)
+        .arg("--cache-size")
+        .arg(cache_bytes.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .context("starting grove")?;
     wait_for_socket(&socket, &mut child)?;
-    ureq::post(&format!("{api}/v1/volumes"))
-        .send_json(serde_json::json!({ "name": "vol", "size": size_bytes }))
-        .context("creating the grove volume")?;
+    for (name, size_bytes) in volumes {
+        ureq::post(&format!("{api}/v1/volumes"))
+            .send_json(serde_json::json!({ "name": name, "size": size_bytes }))
+            .with_context(|| format!("creating the grove volume {name}"))?;
+    }
     Ok(Server {
         peer: Peer::Grove,
         child,
@@ -181,9 +241,19 @@ fn qcow2_layer(dir: &Path, layer: usize) -> PathBuf {
 }
 
 fn start_qemu_nbd(dir: &Path, layer: usize) -> Result<Server> {
+    start_qemu_nbd_with(dir, layer, false)
+}
+
+/// qemu-nbd serving `layer` of the chain in `dir` (with its backing files), read-only if asked.
+fn start_qemu_nbd_with(dir: &Path, layer: usize, read_only: bool) -> Result<Server> {
     let socket = dir.join("qemu.sock");
     let _ = std::fs::remove_file(&socket);
     let mut child = Command::new("qemu-nbd")
+        .args(if read_only {
+            &["--read-only"][..]
+        } else {
+            &[][..]
+        })
         .args([
             "-f",
             "qcow2",
@@ -251,8 +321,7 @@ fn snapshot(server: &mut Server, n: usize) -> Result<()> {
                 .context("grove commit")?;
         }
         Peer::QemuNbd => {
-            let _ = server.child.kill();
-            let _ = server.child.wait();
+            server.stop()?;
             let next = server.layer + 1;
             let status = Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
@@ -297,11 +366,22 @@ fn fio(
     runtime_s: Option<u64>,
     size_bytes: u64,
 ) -> Result<(f64, f64, f64)> {
+    fio_uri(
+        &server.uri(),
+        server.peer.name(),
+        job,
+        runtime_s,
+        size_bytes,
+    )
+}
+
+/// The fio command line of `job` against the NBD export `uri`.
+fn fio_command(uri: &str, job: &Job, runtime_s: Option<u64>, size_bytes: u64) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=bench",
         "--ioengine=nbd",
-        &format!("--uri={}", server.uri()),
+        &format!("--uri={uri}"),
         &format!("--rw={}", job.rw),
         &format!("--bs={}", job.bs),
         &format!("--iodepth={}", job.iodepth),
@@ -315,16 +395,34 @@ fn fio(
         cmd.args(["--time_based", &format!("--runtime={runtime}")]);
     }
     cmd.args(job.extra);
-    let out = cmd.output().context("running fio")?;
+    cmd
+}
+
+/// Runs `job` against `uri` (`what` names the server in errors); returns IOPS, MiB/s and the
+/// p99 completion latency in microseconds.
+fn fio_uri(
+    uri: &str,
+    what: &str,
+    job: &Job,
+    runtime_s: Option<u64>,
+    size_bytes: u64,
+) -> Result<(f64, f64, f64)> {
+    let out = fio_command(uri, job, runtime_s, size_bytes)
+        .output()
+        .context("running fio")?;
     if !out.status.success() {
         bail!(
             "fio {} on {} failed: {}",
             job.name,
-            server.peer.name(),
+            what,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_fio_output(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// IOPS, MiB/s and p99 completion latency (microseconds) from fio's JSON output.
+fn parse_fio_output(text: &str) -> Result<(f64, f64, f64)> {
     // fio may print notices before the JSON document.
     let json: serde_json::Value =
         serde_json::from_str(&text[text.find('{').unwrap_or(0)..]).context("parsing fio output")?;
@@ -609,6 +707,7 @@ fn main() -> Result<()> {
     let size_mib = args.size_mib.unwrap_or(if args.quick { 256 } else { 4096 });
     let runtime_s = args.runtime_s.unwrap_or(if args.quick { 2 } else { 20 });
     let size_bytes = size_mib << 20;
+    let cache_bytes = args.cache_mib << 20;
     let grove = match args.grove {
         Some(path) => path,
         None => {
@@ -618,12 +717,15 @@ fn main() -> Result<()> {
             if !status.success() {
                 bail!("building grove failed");
             }
-            PathBuf::from("target/release/grove")
+            // Where that build put it: $CARGO_TARGET_DIR when set.
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+                .join("release/grove")
         }
     };
-    for tool in ["fio", "qemu-nbd", "qemu-img", "nbdkit"] {
+    for tool in ["fio", "qemu-nbd", "qemu-img", "nbdkit", "nbdcopy"] {
         if !tool_installed(tool) {
-            bail!("{tool} is not installed (Debian: apt-get install fio qemu-utils nbdkit)");
+            bail!("{tool} is not installed (Debian: apt-get install fio qemu-utils nbdkit libnbd-bin)");
         }
     }
     if !args.no_iscsi && !tool_installed("iscsi-perf") {
@@ -655,7 +757,7 @@ fn main() -> Result<()> {
         bail!("qemu-img create failed");
     }
     let mut servers = vec![
-        start_grove(&grove, &dirs[0], size_bytes)?,
+        start_grove(&grove, &dirs[0], cache_bytes, &[("vol", size_bytes)])?,
         start_qemu_nbd(&dirs[1], 0)?,
         start_nbdkit(&dirs[2], size_bytes)?,
     ];
@@ -837,6 +939,21 @@ fn main() -> Result<()> {
         }
     }
 
+    // Workloads 6 and 7. The diff uses the benchmark volume and qcow2 chain as the jobs left
+    // them; then the peers' data goes (disk space) and a grove of its own takes the rest.
+    let scale = versioning::Scale::new(args.quick, size_bytes, runtime_s, cache_bytes);
+    let (grove_server, peers) = servers.split_at_mut(1);
+    let diff = versioning::diff_against_qcow2(&scale, &grove_server[0], &mut peers[0], size_bytes)?;
+    drop(servers);
+    for dir in &dirs {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let versioning_dir = tmp.path().join("grove-versioning");
+    let grove_figures = versioning::grove_versioning(&scale, &grove, &versioning_dir)?;
+    std::fs::remove_dir_all(&versioning_dir)?;
+    let qcow2_snapshots = versioning::qcow2_snapshots(&scale, tmp.path())?;
+    let versioning = versioning::Report::new(scale, grove_figures, qcow2_snapshots, diff);
+
     println!(
         "\n{:<48} {:>12} {:>12} {:>12} {:>10} {:>10}",
         "workload (IOPS)", "grove", "qemu-nbd", "nbdkit", "/qemu-nbd", "/nbdkit"
@@ -883,6 +1000,7 @@ fn main() -> Result<()> {
             println!("(no tgt column: {why})");
         }
     }
+    versioning.print(args.quick);
     figures.extend(iscsi_figures);
     let iscsi = match (args.no_iscsi, &tgt_skipped) {
         (true, _) => "skipped (--no-iscsi)".to_string(),
@@ -895,6 +1013,8 @@ fn main() -> Result<()> {
         "quick": args.quick,
         "iscsi": iscsi,
         "figures": figures,
+        "cache_mib": args.cache_mib,
+        "versioning": versioning,
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
     println!("\nwritten to {}", args.json.display());
