@@ -1313,6 +1313,7 @@ impl PoolInner {
                 let _ = st.meta.reserve_pages(0, 0);
                 st.meta.write_dirty().map_err(|e| self.fail_err(e))?;
                 st.sums.write_dirty().map_err(|e| self.fail_err(e))?;
+                let sync_sums = st.sums.take_unsynced();
                 let gen = st.meta.gen;
                 st.meta.gen += 1;
                 let heads = st.head_records();
@@ -1340,7 +1341,7 @@ impl PoolInner {
                 }
                 let at = st.journal_end;
                 st.journal_end += framed.len() as u64;
-                Some((framed, gen, at, events))
+                Some((framed, gen, at, events, sync_sums))
             }
         };
         // Every mapping in the snapshot was installed after its data write completed, and every
@@ -1349,7 +1350,7 @@ impl PoolInner {
         // without its data.
         let syncing = std::time::Instant::now();
         io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
-        let Some((record, gen, journal_at, events)) = snapshot else {
+        let Some((record, gen, journal_at, events, sync_sums)) = snapshot else {
             self.metrics.sync_latency.observe(syncing.elapsed());
             // Nothing new to record: the durable state is the last record's.
             let durable = self.state.lock().meta.gen - 1;
@@ -1358,7 +1359,10 @@ impl PoolInner {
         };
         let payload_len = (record.len() - RECORD_HEADER_BYTES) as u64;
         let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
-            .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Sums))
+            .and_then(|()| match sync_sums {
+                true => io::sync_blocking(&*self.backend, FileKind::Sums),
+                false => Ok(()),
+            })
             .and_then(|()| {
                 io::write_blocking(&*self.backend, FileKind::Journal, journal_at, record)
             })

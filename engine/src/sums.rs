@@ -69,6 +69,8 @@ pub(crate) struct SumStore {
     backend: Arc<dyn IoBackend>,
     pages: HashMap<u64, SumPage>,
     dirty: BTreeSet<u64>,
+    /// Pages were written since the file was last synced.
+    unsynced: bool,
     capacity: usize,
     clock: u64,
 }
@@ -79,6 +81,7 @@ impl SumStore {
             backend,
             pages: HashMap::new(),
             dirty: BTreeSet::new(),
+            unsynced: false,
             capacity: capacity_pages.max(16),
             clock: 0,
         }
@@ -191,12 +194,18 @@ impl SumStore {
             buf,
             pieces,
         };
+        self.unsynced = true;
         if let Err(err) = io::run_blocking(&*self.backend, op).result {
             // Still in memory, still to be written.
             self.dirty.extend(indexes);
             return Err(Error::from_io(err));
         }
         Ok(())
+    }
+
+    /// Whether pages were written since the last call: a sync point syncs the file only then.
+    pub fn take_unsynced(&mut self) -> bool {
+        std::mem::take(&mut self.unsynced)
     }
 }
 
