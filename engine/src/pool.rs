@@ -26,7 +26,7 @@ use crate::meta::{MetaStore, PendingFree, Target};
 use crate::rewrite::free_blob;
 use crate::session::{AtomicCounters, Session, SessionClient, SessionInfo, SessionTarget};
 use crate::space::JOURNAL_RECORD_ROOM_BYTES;
-use crate::sums::{block_sum, region_of, Intent, SumStore, INTENT_IDLE, SUMS_PER_PAGE};
+use crate::sums::{block_sum, region_of, Intent, SumStore, INTENT_IDLE, INTENT_REGION_BLOCKS};
 use crate::types::*;
 
 /// Which disk I/O backend to use.
@@ -1893,8 +1893,8 @@ fn in_regions(
 ) -> impl Iterator<Item = (u64, u64)> + '_ {
     let (first, last) = (region_of(pblock), region_of(pblock + len - 1));
     intent.range(first..=last).map(move |&region| {
-        let from = (region * SUMS_PER_PAGE).max(pblock);
-        let to = ((region + 1) * SUMS_PER_PAGE).min(pblock + len);
+        let from = (region * INTENT_REGION_BLOCKS).max(pblock);
+        let to = ((region + 1) * INTENT_REGION_BLOCKS).min(pblock + len);
         (from, to - from)
     })
 }

@@ -28,9 +28,13 @@ use crate::format::PAGE_SIZE;
 use crate::io::{self, FileKind, IoBackend, IoOp, Piece};
 use crate::types::BLOCK_SIZE;
 
-/// Checksums per page of `sums.grove`: one page covers 4 MiB of data blocks, which is also the
-/// size of an intent region.
+/// Checksums per page of `sums.grove`: one page covers 4 MiB of data blocks.
 pub const SUMS_PER_PAGE: u64 = PAGE_SIZE as u64 / 4;
+
+/// Data blocks per intent region: 64 MiB. Larger regions mean fewer journal syncs before
+/// in-place writes (a sequential writer records one per region), smaller ones less to compute
+/// again after a crash.
+pub const INTENT_REGION_BLOCKS: u64 = 16 * SUMS_PER_PAGE;
 
 /// "This block has no checksum."
 pub const NO_SUM: u32 = 0;
@@ -54,9 +58,14 @@ fn page_offset(index: u64) -> u64 {
     (index + 1) * PAGE_SIZE as u64
 }
 
-/// The intent region (and checksum page) of a data block.
-pub fn region_of(pblock: u64) -> u64 {
+/// The checksum page of a data block.
+fn page_of(pblock: u64) -> u64 {
     pblock / SUMS_PER_PAGE
+}
+
+/// The intent region of a data block.
+pub fn region_of(pblock: u64) -> u64 {
+    pblock / INTENT_REGION_BLOCKS
 }
 
 struct SumPage {
@@ -128,7 +137,7 @@ impl SumStore {
     pub fn get_run(&mut self, pblock: u64, len: u64, out: &mut Vec<u32>) -> Result<()> {
         let mut p = pblock;
         while p < pblock + len {
-            let index = region_of(p);
+            let index = page_of(p);
             let upto = ((index + 1) * SUMS_PER_PAGE).min(pblock + len);
             let page = self.page(index)?;
             let at = (p % SUMS_PER_PAGE) as usize;
@@ -143,7 +152,7 @@ impl SumStore {
         let mut done = 0;
         while done < sums.len() {
             let p = pblock + done as u64;
-            let index = region_of(p);
+            let index = page_of(p);
             let at = (p % SUMS_PER_PAGE) as usize;
             let n = (SUMS_PER_PAGE as usize - at).min(sums.len() - done);
             let page = self.page(index)?;
@@ -158,7 +167,7 @@ impl SumStore {
     pub fn clear_run(&mut self, pblock: u64, len: u64) -> Result<()> {
         let mut p = pblock;
         while p < pblock + len {
-            let index = region_of(p);
+            let index = page_of(p);
             let upto = ((index + 1) * SUMS_PER_PAGE).min(pblock + len);
             let page = self.page(index)?;
             let at = (p % SUMS_PER_PAGE) as usize;
