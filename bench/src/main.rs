@@ -59,6 +59,8 @@ struct Args {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
 enum Peer {
     Grove,
+    /// grove with the volume's block checksums off: what checksums cost.
+    GroveNoChecksums,
     QemuNbd,
     Nbdkit,
     /// tgt serving nbdkit's file over iSCSI (the iSCSI jobs only).
@@ -67,11 +69,17 @@ enum Peer {
 
 impl Peer {
     /// The NBD peers, each with its own server and data directory.
-    const ALL: [Peer; 3] = [Peer::Grove, Peer::QemuNbd, Peer::Nbdkit];
+    const ALL: [Peer; 4] = [
+        Peer::Grove,
+        Peer::QemuNbd,
+        Peer::Nbdkit,
+        Peer::GroveNoChecksums,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Peer::Grove => "grove",
+            Peer::GroveNoChecksums => "grove-no-checksums",
             Peer::QemuNbd => "qemu-nbd+qcow2",
             Peer::Nbdkit => "nbdkit-file",
             Peer::Tgt => "tgt-file",
@@ -193,6 +201,7 @@ fn start_grove(
     dir: &Path,
     cache_bytes: u64,
     volumes: &[(&str, u64)],
+    checksums: bool,
 ) -> Result<Server> {
     let socket = dir.join("grove.sock");
     // A socket left by an earlier run on this directory would look like a ready server.
@@ -222,7 +231,11 @@ fn start_grove(
     wait_for_socket(&socket, &mut child)?;
     for (name, size_bytes) in volumes {
         ureq::post(&format!("{api}/v1/volumes"))
-            .send_json(serde_json::json!({ "name": name, "size": size_bytes }))
+            .send_json(serde_json::json!({
+                "name": name,
+                "size": size_bytes,
+                "checksums": checksums,
+            }))
             .with_context(|| format!("creating the grove volume {name}"))?;
     }
     Ok(Server {
@@ -314,7 +327,7 @@ fn start_nbdkit(dir: &Path, size_bytes: u64) -> Result<Server> {
 /// Takes a snapshot the way each peer does it: a grove commit, a new qcow2 layer.
 fn snapshot(server: &mut Server, n: usize) -> Result<()> {
     match server.peer {
-        Peer::Grove => {
+        Peer::Grove | Peer::GroveNoChecksums => {
             let api = server.api.as_deref().unwrap_or_default();
             ureq::post(&format!("{api}/v1/volumes/vol/branches/main/commits"))
                 .send_json(serde_json::json!({ "message": format!("snapshot {n}") }))
@@ -757,10 +770,14 @@ fn main() -> Result<()> {
         bail!("qemu-img create failed");
     }
     let mut servers = vec![
-        start_grove(&grove, &dirs[0], cache_bytes, &[("vol", size_bytes)])?,
+        start_grove(&grove, &dirs[0], cache_bytes, &[("vol", size_bytes)], true)?,
         start_qemu_nbd(&dirs[1], 0)?,
         start_nbdkit(&dirs[2], size_bytes)?,
     ];
+    // The same grove with the volume's checksums off, to show what they cost.
+    let mut plain = start_grove(&grove, &dirs[3], cache_bytes, &[("vol", size_bytes)], false)?;
+    plain.peer = Peer::GroveNoChecksums;
+    servers.push(plain);
 
     eprintln!(
         "filling {size_mib} MiB on each peer, then 10 snapshots each after rewriting 5% of blocks"
@@ -955,8 +972,8 @@ fn main() -> Result<()> {
     let versioning = versioning::Report::new(scale, grove_figures, qcow2_snapshots, diff);
 
     println!(
-        "\n{:<48} {:>12} {:>12} {:>12} {:>10} {:>10}",
-        "workload (IOPS)", "grove", "qemu-nbd", "nbdkit", "/qemu-nbd", "/nbdkit"
+        "\n{:<48} {:>12} {:>12} {:>12} {:>10} {:>10} {:>14}",
+        "workload (IOPS)", "grove", "qemu-nbd", "nbdkit", "/qemu-nbd", "/nbdkit", "/no-checksums"
     );
     for job in &jobs {
         let get = |peer| {
@@ -967,14 +984,16 @@ fn main() -> Result<()> {
                 .unwrap_or(0.0)
         };
         let (g, q, k) = (get(Peer::Grove), get(Peer::QemuNbd), get(Peer::Nbdkit));
+        let plain = get(Peer::GroveNoChecksums);
         println!(
-            "{:<48} {:>12.0} {:>12.0} {:>12.0} {:>9.2}x {:>9.2}x",
+            "{:<48} {:>12.0} {:>12.0} {:>12.0} {:>9.2}x {:>9.2}x {:>13.2}x",
             job.name,
             g,
             q,
             k,
             g / q.max(1.0),
-            g / k.max(1.0)
+            g / k.max(1.0),
+            g / plain.max(1.0)
         );
     }
     if !args.no_iscsi {

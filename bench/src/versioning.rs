@@ -381,7 +381,7 @@ pub struct GroveFigures {
 pub fn grove_versioning(scale: &Scale, grove_binary: &Path, dir: &Path) -> Result<GroveFigures> {
     std::fs::create_dir_all(dir)?;
     let volumes = [("tib", TIB), ("gib", GIB)];
-    let mut server = start_grove(grove_binary, dir, scale.cache_bytes, &volumes)?;
+    let mut server = start_grove(grove_binary, dir, scale.cache_bytes, &volumes, true)?;
     let api = Api::of(&server)?;
     eprintln!(
         "6/7: writing {} MiB at random on a 1 TiB volume and {} MiB on a 1 GiB volume",
@@ -409,7 +409,7 @@ pub fn grove_versioning(scale: &Scale, grove_binary: &Path, dir: &Path) -> Resul
     // Restarted, so that its peak RSS covers serving workload 1 only (opening the pool too).
     server.stop()?;
     drop(server);
-    let server = start_grove(grove_binary, dir, scale.cache_bytes, &[])?;
+    let server = start_grove(grove_binary, dir, scale.cache_bytes, &[], true)?;
     let api = Api::of(&server)?;
     let memory = memory_during_reads(scale, &server)?;
 
