@@ -8,15 +8,14 @@
 
 mod support;
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    assert_pattern, nbdcopy_out, qemu_io, qio_write, require_nbd_tools, require_tool, run, Grove,
-    KIB, TOOL_TIMEOUT,
+    assert_pattern, nbdcopy_out, promtool_check, qemu_io, qio_write, require_nbd_tools,
+    require_tool, run, Grove, KIB, TOOL_TIMEOUT,
 };
 
 const BLOCK_BYTES: u64 = 4 * KIB;
@@ -83,29 +82,6 @@ fn scrape(grove: &Grove) -> String {
     let reply = grove.http("GET", "/metrics", None);
     assert_eq!(reply.status, 200, "{reply:?}");
     reply.body
-}
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `grove events --type data.corrupted --json`: one JSON object per line.

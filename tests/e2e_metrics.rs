@@ -7,7 +7,9 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{qemu_io, require_nbd_tools, require_tool, run, write_pattern, Grove, MIB};
+use support::{
+    promtool_check, qemu_io, require_nbd_tools, require_tool, run, write_pattern, Grove, MIB,
+};
 
 /// The value of the sample `name{labels}` (labels in any order), if present.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -33,30 +35,6 @@ fn scrape(grove: &Grove) -> String {
         reply.content_type
     );
     reply.body
-}
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- scrape ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

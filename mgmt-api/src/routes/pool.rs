@@ -101,12 +101,7 @@ pub async fn start_scrub(
     )
 )]
 pub async fn stop_scrub(State(pool): State<Pool>) -> Result<Json<ScrubReport>, ApiError> {
-    match pool.stop_scrub() {
-        Some(report) => Ok(Json(report.into())),
-        None => Err(ApiError::not_found(
-            "no scrub has run since the server started",
-        )),
-    }
+    scrub_reply(pool.stop_scrub())
 }
 
 /// The running scrub's progress, or the last scrub's result.
@@ -120,7 +115,12 @@ pub async fn stop_scrub(State(pool): State<Pool>) -> Result<Json<ScrubReport>, A
     )
 )]
 pub async fn scrub_status(State(pool): State<Pool>) -> Result<Json<ScrubReport>, ApiError> {
-    match pool.scrub_status() {
+    scrub_reply(pool.scrub_status())
+}
+
+/// A scrub's report, or 404 when none ran since the server started.
+fn scrub_reply(report: Option<grove_engine::ScrubReport>) -> Result<Json<ScrubReport>, ApiError> {
+    match report {
         Some(report) => Ok(Json(report.into())),
         None => Err(ApiError::not_found(
             "no scrub has run since the server started (POST /v1/pool/scrub starts one)",
