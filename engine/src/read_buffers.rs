@@ -1,10 +1,11 @@
-//! Buffers of large reads, kept for reuse.
+//! Buffers of large reads and writes, kept for reuse.
 //!
 //! A read of a megabyte that allocates a fresh zeroed buffer spends more time in the kernel
 //! (mapping, zeroing and later unmapping the pages of a large allocation) than in the read
 //! itself, and large allocations freed from many threads fragment the heap. Large reads take
 //! a buffer from here instead; the buffer comes back when the last `Bytes` slice of the read is
-//! dropped (after the reply is sent).
+//! dropped (after the reply is sent). Large writes copy their data into one for the backend and
+//! give it back when the disk write completes.
 //!
 //! A reused buffer holds bytes of an earlier read. That is never visible: a read exposes only
 //! the ranges its pieces cover, and every piece is filled completely by the backend (data, or
@@ -67,7 +68,13 @@ impl ReadBuffers {
         })
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
+    /// Takes back a buffer from [`ReadBuffers::take`] (one of another size is freed).
+    pub fn give_back(&self, buf: Vec<u8>) {
+        if !(POOLED_MIN_BYTES..=POOLED_MAX_BYTES).contains(&buf.len())
+            || !buf.len().is_power_of_two()
+        {
+            return;
+        }
         let mut free = self.free.lock();
         if free.bytes + buf.len() <= KEPT_MAX_BYTES {
             free.bytes += buf.len();

@@ -22,6 +22,7 @@ pub mod export;
 mod handshake;
 pub mod memory;
 mod meta;
+mod payload;
 pub mod proto;
 mod transmission;
 

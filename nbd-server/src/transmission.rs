@@ -31,6 +31,7 @@ use crate::error::{errno, Error};
 use crate::export::ExportHandle;
 use crate::handshake::Negotiated;
 use crate::meta::{diff_descriptors, Contexts, DIFF_CONTEXTS_MAX};
+use crate::payload::Payload;
 use crate::proto::*;
 use crate::ServerOptions;
 
@@ -591,7 +592,7 @@ async fn execute<H: ExportHandle>(
     export: &Export<H>,
     header: &RequestHeader,
     op: Op,
-    payload: Vec<u8>,
+    payload: Payload,
     sequence: u64,
 ) -> Reply {
     let handle = &*export.handle;
@@ -862,11 +863,11 @@ where
         let Some(permits) = acquire(&slots, &budget, bytes, &reply_tx).await else {
             break Ending::WriterStopped;
         };
-        let mut payload = Vec::new();
+        let mut payload = Payload::default();
         if payload_len > 0 {
             // `validate` passed, so this is a WRITE of at most PAYLOAD_MAX_BYTES.
-            payload = vec![0u8; payload_len as usize];
-            if let Err(error) = reader.read_exact(&mut payload).await {
+            payload = Payload::take(payload_len as usize);
+            if let Err(error) = reader.read_exact(payload.as_mut_slice()).await {
                 break Ending::Failed(error.into());
             }
         }
