@@ -212,7 +212,7 @@ fi
 # shellcheck disable=SC2317 # called through step
 bench_quick() {
   local release="${CARGO_TARGET_DIR:-target}/release"
-  cargo build --release --locked -p grove --bin grove -p grove-bench &&
+  cargo build --release --locked -p grove -p grove-bench --bins &&
     timeout --kill-after=30 "$TEST_STEP_TIMEOUT_SECONDS" \
       "$release/grove-bench" --quick --grove "$release/grove" \
       --json "$release/bench-quick.json"
