@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    assert_pattern, nbdcopy_out, promtool_check, qemu_io, qio_write, require_nbd_tools,
-    require_tool, run, Grove, KIB, TOOL_TIMEOUT,
+    assert_pattern, metric_sample, nbdcopy_out, promtool_check, qemu_io, qio_write,
+    require_nbd_tools, require_tool, run, Grove, KIB, TOOL_TIMEOUT,
 };
 
 const BLOCK_BYTES: u64 = 4 * KIB;
@@ -68,14 +68,6 @@ fn damage(grove: &Grove, pattern: u8) -> u64 {
         .expect("damage data.grove");
     file.sync_all().expect("sync data.grove");
     found[0] as u64
-}
-
-/// The value of the unlabelled sample `name` in a scrape.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (series, value) = line.split_once(' ')?;
-        (series == name).then(|| value.parse().ok()).flatten()
-    })
 }
 
 fn scrape(grove: &Grove) -> String {
@@ -232,7 +224,7 @@ fn damaged_blocks_fail_their_reads_and_scrubs_find_them() {
     assert_eq!(events[0]["found_by"], "read");
     let metrics = scrape(&grove);
     assert!(
-        sample(&metrics, "grove_checksum_errors_total").unwrap_or_default() >= 1.0,
+        metric_sample(&metrics, "grove_checksum_errors_total", &[]).unwrap_or_default() >= 1.0,
         "{metrics}"
     );
 
@@ -268,8 +260,11 @@ fn damaged_blocks_fail_their_reads_and_scrubs_find_them() {
     );
     let metrics = scrape(&grove);
     promtool_check(&metrics);
-    assert_eq!(sample(&metrics, "grove_scrub_bad_blocks"), Some(1.0));
-    assert!(sample(&metrics, "grove_checksum_errors_total").unwrap_or_default() >= 2.0);
+    assert_eq!(
+        metric_sample(&metrics, "grove_scrub_bad_blocks", &[]),
+        Some(1.0)
+    );
+    assert!(metric_sample(&metrics, "grove_checksum_errors_total", &[]).unwrap_or_default() >= 2.0);
 
     // Without checksums the damaged bytes come back, and nothing else changed.
     let raw = grove.tcp_uri("raw");
@@ -389,7 +384,7 @@ fn a_crash_during_in_place_overwrites_leaves_no_checksum_errors() {
     );
     assert!(image[(1024 * KIB) as usize..].iter().all(|&b| b == 0));
     assert_eq!(
-        sample(&scrape(&grove), "grove_checksum_errors_total"),
+        metric_sample(&scrape(&grove), "grove_checksum_errors_total", &[]),
         Some(0.0)
     );
     grove.cli_ok(&["scrub", "--wait"]);

@@ -8,23 +8,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::{
-    promtool_check, qemu_io, require_nbd_tools, require_tool, run, write_pattern, Grove, MIB,
+    metric_sample, promtool_check, qemu_io, require_nbd_tools, require_tool, run, write_pattern,
+    Grove, MIB,
 };
-
-/// The value of the sample `name{labels}` (labels in any order), if present.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-        if metric != name {
-            return None;
-        }
-        let wanted = labels
-            .iter()
-            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-        wanted.then(|| value.parse().ok()).flatten()
-    })
-}
 
 fn scrape(grove: &Grove) -> String {
     let reply = grove.http("GET", "/metrics", None);
@@ -46,10 +32,10 @@ fn metrics_move_with_real_io_and_pass_promtool() {
     let before = scrape(&grove);
     promtool_check(&before);
     assert_eq!(
-        sample(&before, "grove_volume_size_bytes", &[("volume", "m")]),
+        metric_sample(&before, "grove_volume_size_bytes", &[("volume", "m")]),
         Some(8.0 * MIB as f64)
     );
-    assert_eq!(sample(&before, "grove_pool_failed", &[]), Some(0.0));
+    assert_eq!(metric_sample(&before, "grove_pool_failed", &[]), Some(0.0));
 
     // 3 MiB written and 1 MiB read over NBD, one read out of range.
     write_pattern(&grove.unix_uri("m"), 0x5a, 0, 3 * MIB);
@@ -68,27 +54,27 @@ fn metrics_move_with_real_io_and_pass_promtool() {
 
     let after = scrape(&grove);
     promtool_check(&after);
-    let written = sample(
+    let written = metric_sample(
         &after,
         "grove_request_bytes_total",
         &[("protocol", "nbd"), ("export", "m"), ("op", "write")],
     )
     .unwrap_or_default();
     assert_eq!(written, 3.0 * MIB as f64, "{after}");
-    let read_bytes = sample(
+    let read_bytes = metric_sample(
         &after,
         "grove_request_bytes_total",
         &[("protocol", "nbd"), ("export", "m"), ("op", "read")],
     )
     .unwrap_or_default();
     assert!(read_bytes >= MIB as f64, "{read_bytes}");
-    let writes = sample(
+    let writes = metric_sample(
         &after,
         "grove_requests_total",
         &[("protocol", "nbd"), ("export", "m"), ("op", "write")],
     )
     .unwrap_or_default();
-    let write_latencies = sample(
+    let write_latencies = metric_sample(
         &after,
         "grove_request_duration_seconds_count",
         &[("protocol", "nbd"), ("export", "m"), ("op", "write")],
@@ -99,17 +85,21 @@ fn metrics_move_with_real_io_and_pass_promtool() {
         "{writes} {write_latencies}"
     );
     assert_eq!(
-        sample(&after, "grove_volume_commits", &[("volume", "m")]),
+        metric_sample(&after, "grove_volume_commits", &[("volume", "m")]),
         Some(1.0)
     );
-    assert!(sample(&after, "grove_pool_used_bytes", &[]).unwrap_or_default() >= 3.0 * MIB as f64);
-    assert!(sample(&after, "grove_sync_duration_seconds_count", &[]).unwrap_or_default() >= 1.0);
     assert!(
-        sample(&after, "grove_event_log_last_seq", &[]).unwrap_or_default()
-            > sample(&before, "grove_event_log_last_seq", &[]).unwrap_or_default()
+        metric_sample(&after, "grove_pool_used_bytes", &[]).unwrap_or_default() >= 3.0 * MIB as f64
     );
     assert!(
-        sample(
+        metric_sample(&after, "grove_sync_duration_seconds_count", &[]).unwrap_or_default() >= 1.0
+    );
+    assert!(
+        metric_sample(&after, "grove_event_log_last_seq", &[]).unwrap_or_default()
+            > metric_sample(&before, "grove_event_log_last_seq", &[]).unwrap_or_default()
+    );
+    assert!(
+        metric_sample(
             &after,
             "grove_api_requests_total",
             &[
@@ -135,8 +125,8 @@ fn metrics_move_with_real_io_and_pass_promtool() {
         .expect("qemu-io");
     let mut live = 0.0;
     for _ in 0..100 {
-        live =
-            sample(&scrape(&grove), "grove_sessions", &[("protocol", "nbd")]).unwrap_or_default();
+        live = metric_sample(&scrape(&grove), "grove_sessions", &[("protocol", "nbd")])
+            .unwrap_or_default();
         if live >= 1.0 {
             break;
         }
@@ -155,7 +145,7 @@ fn metrics_move_with_real_io_and_pass_promtool() {
     grove.cli_ok(&["tag", "create", "m", "t1", "m"]);
     let mut failed = 0.0;
     for _ in 0..100 {
-        failed = sample(
+        failed = metric_sample(
             &scrape(&grove),
             "grove_hook_deliveries_total",
             &[("hook", &id), ("outcome", "failed")],
@@ -172,7 +162,8 @@ fn metrics_move_with_real_io_and_pass_promtool() {
     );
     let text = scrape(&grove);
     assert!(
-        sample(&text, "grove_hook_backlog_events", &[("hook", &id)]).unwrap_or_default() >= 1.0
+        metric_sample(&text, "grove_hook_backlog_events", &[("hook", &id)]).unwrap_or_default()
+            >= 1.0
     );
     promtool_check(&text);
 

@@ -43,7 +43,8 @@ use support::nbd::{
     TFLAG_SEND_WRITE_ZEROES,
 };
 use support::{
-    grove_bin, qemu_io, require_nbd_tools, require_tool, run, Grove, Launch, Rng, KIB, MIB,
+    grove_bin, metric_sample, qemu_io, require_nbd_tools, require_tool, run, Grove, Launch, Rng,
+    KIB, MIB,
 };
 
 const VOLUMES: usize = 4;
@@ -1078,20 +1079,6 @@ struct ObserverStats {
     pool_used_bytes_max: u64,
 }
 
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-        if metric != name {
-            return None;
-        }
-        let wanted = labels
-            .iter()
-            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-        wanted.then(|| value.parse().ok()).flatten()
-    })
-}
-
 /// Session counts per working export, from `grove sessions --json`.
 fn sessions_per_export(grove: &Grove) -> (BTreeMap<String, u64>, Value) {
     let sessions = grove.cli_json(&["sessions"]);
@@ -1131,12 +1118,12 @@ fn observer(soak: &Soak, grove: &Grove) -> ObserverStats {
         let reply = grove.http("GET", "/metrics", None);
         assert_eq!(reply.status, 200, "/metrics: {reply:?}");
         assert_eq!(
-            metric(&reply.body, "grove_pool_failed", &[]),
+            metric_sample(&reply.body, "grove_pool_failed", &[]),
             Some(0.0),
             "the pool reports failure"
         );
         let nbd_sessions =
-            metric(&reply.body, "grove_sessions", &[("protocol", "nbd")]).unwrap_or(0.0);
+            metric_sample(&reply.body, "grove_sessions", &[("protocol", "nbd")]).unwrap_or(0.0);
         if soak.connected.load(Ordering::SeqCst) == WORKERS {
             assert!(
                 nbd_sessions >= WORKERS as f64,

@@ -387,7 +387,7 @@ impl Session {
         // (buffer offset, first lblock, first pblock, blocks).
         let mut sums: Vec<u32> = Vec::new();
         let mut checks: Vec<(usize, u64, u64, u64)> = Vec::new();
-        let (extents, _grace) = {
+        let (segs, _grace) = {
             let mut st = self.pool.state.lock();
             let root = self.root(&st)?;
             let extents = MapReader {
@@ -395,8 +395,9 @@ impl Session {
             }
             .lookup(root, first, end)
             .map_err(|e| self.pool.fail_meta(e))?;
+            let segs = segments(&extents, first, end);
             if verify {
-                for seg in segments(&extents, first, end) {
+                for seg in &segs {
                     if let Some(p) = seg.pblock {
                         st.sums.get_run(p, seg.len, &mut sums)?;
                         let at = ((seg.lblock - first) * BLOCK_SIZE) as usize;
@@ -404,12 +405,12 @@ impl Session {
                     }
                 }
             }
-            (extents, self.pool.grace.enter())
+            (segs, self.pool.grace.enter())
         };
         // Lay the request out: byte ranges of data (with their file offsets) and of zeros.
         let mut pieces: Vec<Piece> = Vec::new();
         let mut layout: Vec<(u64, u64, bool)> = Vec::new();
-        for seg in segments(&extents, first, end) {
+        for seg in segs {
             let from = (seg.lblock * BLOCK_SIZE).max(offset_bytes);
             let to = ((seg.lblock + seg.len) * BLOCK_SIZE).min(end_bytes);
             if let Some(p) = seg.pblock {

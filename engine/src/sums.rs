@@ -63,6 +63,23 @@ fn page_of(pblock: u64) -> u64 {
     pblock / SUMS_PER_PAGE
 }
 
+/// `len` blocks from `pblock` split at checksum-page boundaries: (page, index in the page,
+/// blocks).
+fn page_spans(pblock: u64, len: u64) -> impl Iterator<Item = (u64, usize, usize)> {
+    let end = pblock + len;
+    let mut p = pblock;
+    std::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let index = page_of(p);
+        let upto = ((index + 1) * SUMS_PER_PAGE).min(end);
+        let span = (index, (p % SUMS_PER_PAGE) as usize, (upto - p) as usize);
+        p = upto;
+        Some(span)
+    })
+}
+
 /// The intent region of a data block.
 pub fn region_of(pblock: u64) -> u64 {
     pblock / INTENT_REGION_BLOCKS
@@ -135,14 +152,8 @@ impl SumStore {
 
     /// The checksums of `len` blocks from `pblock`, appended to `out`.
     pub fn get_run(&mut self, pblock: u64, len: u64, out: &mut Vec<u32>) -> Result<()> {
-        let mut p = pblock;
-        while p < pblock + len {
-            let index = page_of(p);
-            let upto = ((index + 1) * SUMS_PER_PAGE).min(pblock + len);
-            let page = self.page(index)?;
-            let at = (p % SUMS_PER_PAGE) as usize;
-            out.extend_from_slice(&page.sums[at..at + (upto - p) as usize]);
-            p = upto;
+        for (index, at, n) in page_spans(pblock, len) {
+            out.extend_from_slice(&self.page(index)?.sums[at..at + n]);
         }
         Ok(())
     }
@@ -150,13 +161,8 @@ impl SumStore {
     /// Sets the checksums of consecutive blocks from `pblock`.
     pub fn set_run(&mut self, pblock: u64, sums: &[u32]) -> Result<()> {
         let mut done = 0;
-        while done < sums.len() {
-            let p = pblock + done as u64;
-            let index = page_of(p);
-            let at = (p % SUMS_PER_PAGE) as usize;
-            let n = (SUMS_PER_PAGE as usize - at).min(sums.len() - done);
-            let page = self.page(index)?;
-            page.sums[at..at + n].copy_from_slice(&sums[done..done + n]);
+        for (index, at, n) in page_spans(pblock, sums.len() as u64) {
+            self.page(index)?.sums[at..at + n].copy_from_slice(&sums[done..done + n]);
             self.dirty.insert(index);
             done += n;
         }
@@ -165,18 +171,12 @@ impl SumStore {
 
     /// Marks `len` blocks from `pblock` as having no checksum.
     pub fn clear_run(&mut self, pblock: u64, len: u64) -> Result<()> {
-        let mut p = pblock;
-        while p < pblock + len {
-            let index = page_of(p);
-            let upto = ((index + 1) * SUMS_PER_PAGE).min(pblock + len);
-            let page = self.page(index)?;
-            let at = (p % SUMS_PER_PAGE) as usize;
-            let end = at + (upto - p) as usize;
-            if page.sums[at..end].iter().any(|&s| s != NO_SUM) {
-                page.sums[at..end].fill(NO_SUM);
+        for (index, at, n) in page_spans(pblock, len) {
+            let span = &mut self.page(index)?.sums[at..at + n];
+            if span.iter().any(|&s| s != NO_SUM) {
+                span.fill(NO_SUM);
                 self.dirty.insert(index);
             }
-            p = upto;
         }
         Ok(())
     }
