@@ -33,6 +33,10 @@ use crate::meta::{Body, Node, PendingFree, Target, TREE_HEIGHT_MAX};
 use crate::pool::{run_blocking, runs, Pool, PoolInner, State};
 use crate::types::*;
 
+/// After a background scan, the reclaimer waits this many times as long as the scan took
+/// before the next one.
+const SCAN_PAUSE_FACTOR: u32 = 3;
+
 /// What a volume's refs hold, as of a scan.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeSpace {
@@ -109,12 +113,18 @@ impl Walk<'_> {
                 "meta.grove",
             ));
         }
-        let bytes = io::read_blocking(
-            self.backend,
-            FileKind::Meta,
-            page * PAGE_SIZE as u64,
-            PAGE_SIZE,
-        )?;
+        let offset = page * PAGE_SIZE as u64;
+        // Nodes are mostly in the page cache: read there without a trip through the backend.
+        let mut bytes = vec![0u8; PAGE_SIZE];
+        let piece = [io::Piece {
+            file_offset: offset,
+            buf_offset: 0,
+            len: PAGE_SIZE,
+        }];
+        let bytes = match self.backend.read_cached(FileKind::Meta, &mut bytes, &piece) {
+            Some(Ok(())) => bytes,
+            _ => io::read_blocking(self.backend, FileKind::Meta, offset, PAGE_SIZE)?,
+        };
         let node = Node::decode(&bytes, page)?;
         if node.birth >= self.birth_limit {
             return Err(Error::corrupt(
@@ -126,6 +136,25 @@ impl Walk<'_> {
             ));
         }
         Ok(node)
+    }
+
+    /// Marks shared the blocks of `blocks` already seen from another root.
+    fn mark_seen_shared(&mut self, blocks: std::ops::Range<u64>) {
+        let mut seen = RoaringTreemap::new();
+        seen.insert_range(blocks.clone());
+        seen &= &self.seen;
+        // Usually none or all of it: only a part seen is walked run by run.
+        match seen.len() {
+            0 => {}
+            n if n == blocks.end - blocks.start => {
+                self.shared.insert_range(blocks);
+            }
+            _ => {
+                for (start, len) in runs(&seen) {
+                    self.shared.insert_range(start..start + len);
+                }
+            }
+        }
     }
 
     /// Visits a node from root `root` of volume `volume`; `shared` when a shared parent led
@@ -197,20 +226,21 @@ impl Walk<'_> {
                         ));
                     }
                     let Target::Data(p) = e.target else { continue };
-                    let mut blocks = RoaringTreemap::new();
-                    blocks.insert_range(p..p + e.len);
+                    // Ranges go in with insert_range: a union with a one-extent bitmap would
+                    // copy the whole container it lands in, for every extent.
+                    let blocks = p..p + e.len;
                     if new_for_volume {
-                        self.volume_blocks[volume as usize] |= &blocks;
+                        self.volume_blocks[volume as usize].insert_range(blocks.clone());
                     }
                     if first_visit && !now_shared {
                         // The same data block can sit in leaves of several roots (a leaf
                         // copied on write keeps its other extents).
-                        self.shared |= &blocks & &self.seen;
-                        self.first[root as usize] |= &blocks;
+                        self.mark_seen_shared(blocks.clone());
+                        self.first[root as usize].insert_range(blocks.clone());
                     } else if first_visit || became_shared {
-                        self.shared |= &blocks;
+                        self.shared.insert_range(blocks.clone());
                     }
-                    self.seen |= blocks;
+                    self.seen.insert_range(blocks);
                 }
             }
             Body::Internal(children) => {
@@ -292,9 +322,15 @@ impl Pool {
                 if pool.is_failed() {
                     continue;
                 }
+                let started = tokio::time::Instant::now();
                 if let Err(err) = pool.reclaim().await {
                     tracing::warn!(error = %err, "space scan failed; it runs again after the next change");
                 }
+                // Requests that come meanwhile wait, so that scans take at most a quarter of
+                // the time however fast changes come (a thousand commit deletes in a row
+                // would otherwise keep a core scanning beside the I/O).
+                drop(pool);
+                tokio::time::sleep(started.elapsed() * SCAN_PAUSE_FACTOR).await;
             }
         })
     }
