@@ -388,10 +388,46 @@ fn fio(
     )
 }
 
-/// Reads `server`'s whole volume once, untimed, before a job: every peer then starts with its
-/// data in the page cache, as far as memory allows. The four peers' files together outgrow the
-/// memory of a small machine (a 4 GiB qcow2 chain with the benchmark's history takes some
-/// 30 GB), and without this a job would time the disk for whichever peer was written first.
+/// Drops the files of every peer but the one in `keep` from the page cache: written back
+/// (`sync -d`), then dropped (`dd iflag=nocache count=0`). The four peers' files together
+/// outgrow the memory of a small machine (a 4 GiB qcow2 chain with the benchmark's history
+/// takes some 30 GB), and without this a job would time the disk for one peer and the page
+/// cache for another. Only the benchmark's own files are touched.
+fn evict_others(dirs: &[PathBuf], keep: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    let mut pending: Vec<PathBuf> = dirs.iter().filter(|d| *d != keep).cloned().collect();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    if files.is_empty() {
+        return Ok(());
+    }
+    let status = Command::new("sync").arg("-d").args(&files).status()?;
+    if !status.success() {
+        bail!("sync -d of the other peers' files failed");
+    }
+    for file in &files {
+        let status = Command::new("dd")
+            .arg(format!("if={}", file.display()))
+            .args(["iflag=nocache", "count=0", "status=none"])
+            .status()?;
+        if !status.success() {
+            bail!("dropping {} from the page cache failed", file.display());
+        }
+    }
+    Ok(())
+}
+
+/// Reads `server`'s whole volume once, untimed, before a job (after `evict_others`): every
+/// peer starts with its data in the page cache, as a host serving only it would have.
 fn warm(server: &Server, size_bytes: u64) -> Result<()> {
     let job = Job {
         name: "warm: read the volume once",
@@ -882,6 +918,7 @@ fn main() -> Result<()> {
             }
         }
         for server in &servers {
+            evict_others(&dirs, &server.dir)?;
             warm(server, size_bytes)?;
             let (iops, mib_per_s, lat_p99_us) = fio(server, job, Some(runtime_s), size_bytes)?;
             eprintln!(
@@ -952,10 +989,9 @@ fn main() -> Result<()> {
         for job in &iscsi_jobs {
             for (peer, url) in &targets {
                 // nbdkit serves the file tgt does: reading through it warms tgt's data.
-                warm(
-                    &servers[if *peer == Peer::Grove { 0 } else { 2 }],
-                    size_bytes,
-                )?;
+                let warmed = &servers[if *peer == Peer::Grove { 0 } else { 2 }];
+                evict_others(&dirs, &warmed.dir)?;
+                warm(warmed, size_bytes)?;
                 let iops = iscsi_perf(url, *peer, job, runtime_s, tmp.path())?;
                 let mib_per_s =
                     iops * (job.blocks_per_request * ISCSI_BLOCK_BYTES) as f64 / (1 << 20) as f64;
