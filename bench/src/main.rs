@@ -426,9 +426,11 @@ fn evict_others(dirs: &[PathBuf], keep: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads `server`'s whole volume once, untimed, before a job (after `evict_others`): every
-/// peer starts with its data in the page cache, as a host serving only it would have.
-fn warm(server: &Server, size_bytes: u64) -> Result<()> {
+/// Before a job: drops the other peers' files from the page cache (`evict_others`), then
+/// reads `server`'s whole volume once, untimed, so that every peer starts with its own data
+/// cached, as a host serving only it would have.
+fn warm_alone(server: &Server, dirs: &[PathBuf], size_bytes: u64) -> Result<()> {
+    evict_others(dirs, &server.dir)?;
     let job = Job {
         name: "warm: read the volume once",
         rw: "read",
@@ -918,8 +920,7 @@ fn main() -> Result<()> {
             }
         }
         for server in &servers {
-            evict_others(&dirs, &server.dir)?;
-            warm(server, size_bytes)?;
+            warm_alone(server, &dirs, size_bytes)?;
             let (iops, mib_per_s, lat_p99_us) = fio(server, job, Some(runtime_s), size_bytes)?;
             eprintln!(
                 "{:<48} {:<16} {:>10.0} IOPS {:>8.1} MiB/s p99 {:>8.0} us",
@@ -990,8 +991,7 @@ fn main() -> Result<()> {
             for (peer, url) in &targets {
                 // nbdkit serves the file tgt does: reading through it warms tgt's data.
                 let warmed = &servers[if *peer == Peer::Grove { 0 } else { 2 }];
-                evict_others(&dirs, &warmed.dir)?;
-                warm(warmed, size_bytes)?;
+                warm_alone(warmed, &dirs, size_bytes)?;
                 let iops = iscsi_perf(url, *peer, job, runtime_s, tmp.path())?;
                 let mib_per_s =
                     iops * (job.blocks_per_request * ISCSI_BLOCK_BYTES) as f64 / (1 << 20) as f64;
