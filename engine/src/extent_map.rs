@@ -6,6 +6,8 @@
 //! never merged when they shrink (an empty node is removed), which keeps deletes simple at the
 //! cost of some slack after large trims.
 
+use std::sync::Arc;
+
 use roaring::RoaringTreemap;
 
 use crate::error::{Error, Result};
@@ -33,13 +35,116 @@ fn check_level(node: &Node, expected: Option<u8>, page: u64) -> Result<()> {
     Ok(())
 }
 
+/// Lookups on one map in ascending key order. The last leaf visited is kept with the key range
+/// its ancestors route to it, so a query inside that range costs a binary search in the leaf,
+/// and one that runs past it moves to the next leaf with one descent. Only valid while the map
+/// does not change: a head's nodes born in the current generation are changed in place.
+pub struct LeafCursor {
+    root: u64,
+    leaf: Option<RoutedLeaf>,
+    /// Every extent of the leaf before index `pos` starts below `pos_key`: where the next
+    /// search in it begins.
+    pos: usize,
+    pos_key: u64,
+}
+
+/// The index of the first extent from `start` on that starts at or after `key`, all before
+/// `start` starting below it. Galloping: ascending queries usually land just past `start`, so
+/// this reads the leaf front to back instead of jumping around it.
+fn first_from(extents: &[Extent], start: usize, key: u64) -> usize {
+    let (mut lo, mut step) = (start, 1);
+    while lo + step <= extents.len() && extents[lo + step - 1].lblock < key {
+        lo += step;
+        step *= 2;
+    }
+    let hi = (lo + step).min(extents.len());
+    lo + extents[lo..hi].partition_point(|e| e.lblock < key)
+}
+
+/// A leaf and the key range `[lo, hi)` its extents' starts fall in.
+struct RoutedLeaf {
+    node: Arc<Node>,
+    lo: u64,
+    hi: u64,
+}
+
+impl RoutedLeaf {
+    fn extents(&self) -> &[Extent] {
+        match &self.node.body {
+            Body::Leaf(extents) => extents,
+            Body::Internal(_) => &[],
+        }
+    }
+
+    fn holds(&self, key: u64) -> bool {
+        self.lo <= key && key < self.hi
+    }
+}
+
+impl LeafCursor {
+    pub fn new(root: u64) -> Self {
+        LeafCursor {
+            root,
+            leaf: None,
+            pos: 0,
+            pos_key: 0,
+        }
+    }
+
+    /// The leaf whose key range holds `key`, from the one kept if it is that leaf, and the
+    /// index of its first extent starting at or after `key`.
+    fn seek(&mut self, reader: &mut MapReader, key: u64) -> Result<(&RoutedLeaf, usize)> {
+        if !self.leaf.as_ref().is_some_and(|l| l.holds(key)) {
+            self.leaf = Some(reader.routed_leaf(self.root, key)?);
+            (self.pos, self.pos_key) = (0, 0);
+        }
+        let leaf = self.leaf.as_ref().expect("just set");
+        let start = if key >= self.pos_key { self.pos } else { 0 };
+        Ok((leaf, first_from(leaf.extents(), start, key)))
+    }
+
+    /// Extents overlapping `[from, to)`, clipped to it, in order: `MapReader::lookup`'s answer.
+    pub fn lookup(&mut self, reader: &mut MapReader, from: u64, to: u64) -> Result<Vec<Extent>> {
+        let mut out = Vec::new();
+        if self.root == 0 || from >= to {
+            return Ok(out);
+        }
+        let root = self.root;
+        let (leaf, below) = self.seek(reader, from)?;
+        let extents = leaf.extents();
+        let floor = match below.checked_sub(1) {
+            Some(i) => Some(extents[i]),
+            // Nothing here starts before `from`: an earlier leaf may hold an extent reaching
+            // into the range. Rare enough for a descent.
+            None if leaf.lo > 0 => reader.floor(root, from - 1)?,
+            None => None,
+        };
+        out.extend(floor.filter(|e| e.end() > from).map(|e| e.clip(from, to)));
+        let mut at = from;
+        loop {
+            let (leaf, first) = self.seek(reader, at)?;
+            let (extents, hi) = (leaf.extents(), leaf.hi);
+            let taken = extents[first..]
+                .iter()
+                .take_while(|e| e.lblock < to)
+                .map(|e| e.clip(from, to));
+            let before = out.len();
+            out.extend(taken);
+            (self.pos, self.pos_key) = (first + out.len() - before, to);
+            if hi >= to {
+                return Ok(out);
+            }
+            at = hi;
+        }
+    }
+}
+
 /// Read-only queries.
 pub struct MapReader<'a> {
     pub store: &'a mut MetaStore,
 }
 
 impl MapReader<'_> {
-    /// Extents overlapping `[from, to)`, clipped to it, in order.
     /// Levels of the map at `root` (1 for an empty map or a single leaf).
     pub fn height(&mut self, root: u64) -> Result<u64> {
         if root == 0 {
@@ -48,6 +153,7 @@ impl MapReader<'_> {
         Ok(self.store.get(root)?.level as u64 + 1)
     }
 
+    /// Extents overlapping `[from, to)`, clipped to it, in order.
     pub fn lookup(&mut self, root: u64, from: u64, to: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
         if root == 0 || from >= to {
@@ -62,6 +168,33 @@ impl MapReader<'_> {
         self.range(root, from, to, None, &mut inner)?;
         out.extend(inner.into_iter().map(|e| e.clip(from, to)));
         Ok(out)
+    }
+
+    /// The leaf `key` routes to, with the key range its ancestors give it.
+    fn routed_leaf(&mut self, root: u64, key: u64) -> Result<RoutedLeaf> {
+        let (mut page, mut lo, mut hi, mut level) = (root, 0, u64::MAX, None);
+        loop {
+            let node = self.store.get(page)?;
+            check_level(&node, level, page)?;
+            let Body::Internal(children) = &node.body else {
+                return Ok(RoutedLeaf { node, lo, hi });
+            };
+            if children.is_empty() {
+                return Err(Error::corrupt(
+                    "extent-map internal node without children",
+                    format!("meta page {page}"),
+                ));
+            }
+            let idx = route(children, key);
+            if idx > 0 {
+                lo = children[idx].key;
+            }
+            if let Some(next) = children.get(idx + 1) {
+                hi = next.key;
+            }
+            page = children[idx].page;
+            level = Some(node.level - 1);
+        }
     }
 
     /// The extent with the greatest start <= `key`.
@@ -647,6 +780,38 @@ mod tests {
             prop_assert_eq!(tree_as_model(&mut store, root, 4000), model);
             for (snap_root, snap_model) in snapshots {
                 prop_assert_eq!(tree_as_model(&mut store, snap_root, 4000), snap_model);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn leaf_cursor_answers_like_lookup(ops in prop::collection::vec((0u64..20_000, 1u64..40, 0u8..4, 0u64..1_000_000), 1..1500),
+                                           queries in prop::collection::vec((0u64..60, 1u64..120, prop::bool::weighted(0.05)), 1..300)) {
+            let mut store = store(4096);
+            let mut root = 0;
+            for (i, (from, len, kind, phys)) in ops.into_iter().enumerate() {
+                let target = match kind { 0 => None, 1 => Some(Target::Zero), _ => Some(Target::Data(phys)) };
+                let mut w = MapWriter { store: &mut store, exclusive_since: 0 };
+                root = w.replace(root, from, from + len, target).unwrap().0;
+                if i % 97 == 0 {
+                    store.write_dirty().unwrap();
+                    store.gen += 1;
+                }
+            }
+            let mut cursor = LeafCursor::new(root);
+            let mut reader = MapReader { store: &mut store };
+            let mut at = 0;
+            for (gap, len, back) in queries {
+                let (from, to) = (at + gap, at + gap + len);
+                prop_assert_eq!(
+                    cursor.lookup(&mut reader, from, to).unwrap(),
+                    reader.lookup(root, from, to).unwrap(),
+                    "query [{}, {})", from, to
+                );
+                // Mostly ascending, as the cursor is used; now and then back, which it allows.
+                at = if back { from / 2 } else { to };
             }
         }
     }

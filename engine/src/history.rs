@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{BlobRef, Catalog};
 use crate::error::{Error, Result};
-use crate::extent_map::MapReader;
+use crate::extent_map::{LeafCursor, MapReader};
 use crate::meta::MetaStore;
 use crate::pool::{run_blocking, runs, Pool, PoolInner, State};
 use crate::session::{segments, Segment};
@@ -189,7 +189,7 @@ pub(crate) fn candidates(st: &State, a: &RefState, b: &RefState) -> Result<Roari
 
 /// Marks the blocks where two segment lists covering the same range map differently (zeros
 /// and holes read alike).
-fn mark_differing(a: &[Segment], b: &[Segment], out: &mut RoaringTreemap) {
+fn mark_differing(a: &[Segment], b: &[Segment], out: &mut Runs) {
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         let (sa, sb) = (&a[i], &b[j]);
@@ -199,7 +199,7 @@ fn mark_differing(a: &[Segment], b: &[Segment], out: &mut RoaringTreemap) {
             let pa = sa.pblock.map(|p| p + (from - sa.lblock));
             let pb = sb.pblock.map(|p| p + (from - sb.lblock));
             if pa != pb {
-                out.insert_range(from..to);
+                out.push(from, to);
             }
         }
         if end_a <= end_b {
@@ -219,25 +219,50 @@ pub(crate) fn refine(
     candidates: &RoaringTreemap,
 ) -> Result<RoaringTreemap> {
     let all: Vec<(u64, u64)> = runs(candidates).collect();
-    let mut out = RoaringTreemap::new();
+    let mut differing = Runs::default();
     for batch in all.chunks(RUNS_PER_LOCK) {
         let mut st = inner.state.lock();
-        let (root_a, root_b) = (a.root(&st.catalog)?, b.root(&st.catalog)?);
+        // Runs come in ascending order, so each map is read leaf after leaf. The cursors
+        // live for one hold of the lock: a head's newest nodes change in place between.
+        let mut cursor_a = LeafCursor::new(a.root(&st.catalog)?);
+        let mut cursor_b = LeafCursor::new(b.root(&st.catalog)?);
         let mut reader = MapReader {
             store: &mut st.meta,
         };
         for &(start, len) in batch {
             let end = start + len;
-            let ea = reader.lookup(root_a, start, end)?;
-            let eb = reader.lookup(root_b, start, end)?;
+            let ea = cursor_a.lookup(&mut reader, start, end)?;
+            let eb = cursor_b.lookup(&mut reader, start, end)?;
             mark_differing(
                 &segments(&ea, start, end),
                 &segments(&eb, start, end),
-                &mut out,
+                &mut differing,
             );
         }
     }
-    Ok(out)
+    Ok(differing.into_bitmap())
+}
+
+/// Ascending block ranges `[from, to)`, adjacent ones joined: gathered first and put into a
+/// bitmap once, far cheaper than a bitmap insert per piece.
+#[derive(Default)]
+struct Runs(Vec<(u64, u64)>);
+
+impl Runs {
+    fn push(&mut self, from: u64, to: u64) {
+        match self.0.last_mut() {
+            Some(last) if last.1 == from => last.1 = to,
+            _ => self.0.push((from, to)),
+        }
+    }
+
+    fn into_bitmap(self) -> RoaringTreemap {
+        let mut out = RoaringTreemap::new();
+        for (from, to) in self.0 {
+            out.insert_range(from..to);
+        }
+        out
+    }
 }
 
 /// The blocks that differ between two refs.
@@ -375,25 +400,21 @@ impl Pool {
                     if hit.is_empty() {
                         break;
                     }
-                    let parent_root = st.catalog.commit_required(parent)?.root;
-                    let mut same = RoaringTreemap::new();
+                    let mut ours = LeafCursor::new(commit.root);
+                    let mut theirs = LeafCursor::new(st.catalog.commit_required(parent)?.root);
                     let mut reader = MapReader {
                         store: &mut st.meta,
                     };
+                    let mut differing = Runs::default();
                     for (start, len) in runs(&hit).collect::<Vec<_>>() {
                         let end = start + len;
-                        let ours = reader.lookup(commit.root, start, end)?;
-                        let theirs = reader.lookup(parent_root, start, end)?;
-                        let mut differ = RoaringTreemap::new();
                         mark_differing(
-                            &segments(&ours, start, end),
-                            &segments(&theirs, start, end),
-                            &mut differ,
+                            &segments(&ours.lookup(&mut reader, start, end)?, start, end),
+                            &segments(&theirs.lookup(&mut reader, start, end)?, start, end),
+                            &mut differing,
                         );
-                        let mut run = RoaringTreemap::new();
-                        run.insert_range(start..end);
-                        same |= run - differ;
                     }
+                    let same = &hit - &differing.into_bitmap();
                     hit -= &same;
                     queue(&st.catalog, &mut pending, &mut found, Some(*parent), same)?;
                 }
