@@ -36,8 +36,8 @@ fn check_level(node: &Node, expected: Option<u8>, page: u64) -> Result<()> {
 }
 
 /// Lookups on one map in ascending key order. The last leaf visited is kept with the key range
-/// its ancestors route to it, so a query inside that range costs a binary search in the leaf,
-/// and one that runs past it moves to the next leaf with one descent. Only valid while the map
+/// its ancestors route to it, so a query inside that range costs a short search onward in the
+/// leaf, and one that runs past it moves to the next leaf with one descent. Only valid while the map
 /// does not change: a head's nodes born in the current generation are changed in place.
 pub struct LeafCursor {
     root: u64,
@@ -110,20 +110,20 @@ impl LeafCursor {
             return Ok(out);
         }
         let root = self.root;
-        let (leaf, below) = self.seek(reader, from)?;
-        let extents = leaf.extents();
-        let floor = match below.checked_sub(1) {
-            Some(i) => Some(extents[i]),
-            // Nothing here starts before `from`: an earlier leaf may hold an extent reaching
-            // into the range. Rare enough for a descent.
-            None if leaf.lo > 0 => reader.floor(root, from - 1)?,
-            None => None,
-        };
-        out.extend(floor.filter(|e| e.end() > from).map(|e| e.clip(from, to)));
         let mut at = from;
         loop {
             let (leaf, first) = self.seek(reader, at)?;
-            let (extents, hi) = (leaf.extents(), leaf.hi);
+            let (extents, lo, hi) = (leaf.extents(), leaf.lo, leaf.hi);
+            if at == from {
+                let floor = match first.checked_sub(1) {
+                    Some(i) => Some(extents[i]),
+                    // Nothing here starts before `from`: an earlier leaf may hold an extent
+                    // reaching into the range. Rare enough for a descent.
+                    None if lo > 0 => reader.floor(root, from - 1)?,
+                    None => None,
+                };
+                out.extend(floor.filter(|e| e.end() > from).map(|e| e.clip(from, to)));
+            }
             let taken = extents[first..]
                 .iter()
                 .take_while(|e| e.lblock < to)

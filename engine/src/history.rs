@@ -406,7 +406,7 @@ impl Pool {
                         store: &mut st.meta,
                     };
                     let mut differing = Runs::default();
-                    for (start, len) in runs(&hit).collect::<Vec<_>>() {
+                    for (start, len) in runs(&hit) {
                         let end = start + len;
                         mark_differing(
                             &segments(&ours.lookup(&mut reader, start, end)?, start, end),
