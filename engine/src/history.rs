@@ -221,26 +221,50 @@ pub(crate) fn refine(
     let all: Vec<(u64, u64)> = runs(candidates).collect();
     let mut differing = Runs::default();
     for batch in all.chunks(RUNS_PER_LOCK) {
-        let mut st = inner.state.lock();
-        // Runs come in ascending order, so each map is read leaf after leaf. The cursors
-        // live for one hold of the lock: a head's newest nodes change in place between.
-        let mut cursor_a = LeafCursor::new(a.root(&st.catalog)?);
-        let mut cursor_b = LeafCursor::new(b.root(&st.catalog)?);
-        let mut reader = MapReader {
-            store: &mut st.meta,
-        };
-        for &(start, len) in batch {
-            let end = start + len;
-            let ea = cursor_a.lookup(&mut reader, start, end)?;
-            let eb = cursor_b.lookup(&mut reader, start, end)?;
-            mark_differing(
-                &segments(&ea, start, end),
-                &segments(&eb, start, end),
-                &mut differing,
-            );
-        }
+        refine_runs(&mut inner.state.lock(), a, b, batch, &mut differing)?;
     }
     Ok(differing.into_bitmap())
+}
+
+/// `refine` for a caller that holds the state lock already (and keeps it throughout).
+pub(crate) fn refine_locked(
+    st: &mut State,
+    a: &MapSource,
+    b: &MapSource,
+    candidates: &RoaringTreemap,
+) -> Result<RoaringTreemap> {
+    let all: Vec<(u64, u64)> = runs(candidates).collect();
+    let mut differing = Runs::default();
+    refine_runs(st, a, b, &all, &mut differing)?;
+    Ok(differing.into_bitmap())
+}
+
+/// Adds to `differing` what of the ascending candidate runs maps differently in `a` and `b`.
+fn refine_runs(
+    st: &mut State,
+    a: &MapSource,
+    b: &MapSource,
+    candidate_runs: &[(u64, u64)],
+    differing: &mut Runs,
+) -> Result<()> {
+    // Runs come in ascending order, so each map is read leaf after leaf. The cursors live
+    // for one hold of the lock: a head's newest nodes change in place between.
+    let mut cursor_a = LeafCursor::new(a.root(&st.catalog)?);
+    let mut cursor_b = LeafCursor::new(b.root(&st.catalog)?);
+    let mut reader = MapReader {
+        store: &mut st.meta,
+    };
+    for &(start, len) in candidate_runs {
+        let end = start + len;
+        let ea = cursor_a.lookup(&mut reader, start, end)?;
+        let eb = cursor_b.lookup(&mut reader, start, end)?;
+        mark_differing(
+            &segments(&ea, start, end),
+            &segments(&eb, start, end),
+            differing,
+        );
+    }
+    Ok(())
 }
 
 /// Ascending block ranges `[from, to)`, adjacent ones joined: gathered first and put into a

@@ -11,7 +11,7 @@ use roaring::RoaringTreemap;
 use crate::catalog::*;
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::history::read_bitmap;
+use crate::history::{candidates, read_bitmap, refine_locked, MapSource, RefState};
 use crate::merge::refuse_merge_branch;
 use crate::meta::PendingFree;
 use crate::pool::{check_gated, fork, free_head_space, Fork, Pool, PoolInner, State};
@@ -85,7 +85,9 @@ impl Pool {
     }
 
     /// Deletes a commit, folding its changes into its children (squashing history): each
-    /// child whose first parent it was records its changes too, and takes its parents. Refused
+    /// child whose first parent it was records its changes too, and takes its parents (a
+    /// merge child of a commit without parents compares its maps again, since its next
+    /// parent becomes its first). Refused
     /// while a tag points at it, it is a branch's latest commit, or sessions read it. The
     /// space only it held returns to the pool.
     pub async fn delete_commit(&self, volume: &str, id_or_prefix: &str) -> Result<()> {
@@ -128,8 +130,16 @@ impl Pool {
                 let mut replaced_blobs = vec![commit.bitmap];
                 for mut child in children.iter().cloned() {
                     if child.info.parents.first() == Some(&id) {
-                        let mut changed = read_bitmap(&st.meta, &child.bitmap)?;
-                        changed |= &bitmap;
+                        let changed = match (commit.info.parents.first(), child.info.parents.get(1))
+                        {
+                            // The squashed commit began its history and the child is a merge:
+                            // the child's next parent becomes its first, so what it changed
+                            // from that one is found by comparing the two maps.
+                            (None, Some(&next)) => changes_from(st, next, child.info.id)?,
+                            // Its changes from the squashed commit's first parent: its own
+                            // plus the squashed commit's (or, from the empty volume, those).
+                            _ => read_bitmap(&st.meta, &child.bitmap)? | &bitmap,
+                        };
                         replaced_blobs.push(child.bitmap);
                         child.bitmap = write_bitmap(st, &changed)?;
                         child.info.changed_blocks = changed.len();
@@ -324,4 +334,20 @@ pub(crate) fn free_blob(st: &mut State, blob: &BlobRef) {
         start: pages.start,
         len: pages.end - pages.start,
     });
+}
+
+/// The blocks commit `to` maps differently from commit `from`: the candidates along both
+/// first-parent chains, checked against both maps.
+fn changes_from(st: &mut State, from: CommitId, to: CommitId) -> Result<RoaringTreemap> {
+    let side = |id| RefState {
+        commit: Some(id),
+        uncommitted: None,
+    };
+    let candidates = candidates(st, &side(from), &side(to))?;
+    refine_locked(
+        st,
+        &MapSource::Commit(Some(from)),
+        &MapSource::Commit(Some(to)),
+        &candidates,
+    )
 }

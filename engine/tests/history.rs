@@ -110,6 +110,57 @@ async fn blame_follows_merges_to_the_commit_that_wrote_a_block() {
 }
 
 #[tokio::test]
+async fn squashing_the_first_commit_under_a_merge_keeps_the_merge_bitmap_exact() {
+    let (_disk, pool) = sim_pool();
+    pool.create_volume("v", 16 * BLOCK_SIZE).await.unwrap();
+    // Two unrelated histories: e on main, t then c on x.
+    pool.create_branch("v", "x", Some("main")).await.unwrap();
+    write_blocks(&pool, "v", 0, 1, 1).await;
+    let e = pool.commit("v", "main", msg("e")).await.unwrap();
+    write_blocks(&pool, "v@x", 1, 2, 2).await;
+    let t = pool.commit("v", "x", msg("t")).await.unwrap();
+    let session = pool.open_session("v@x", client()).unwrap();
+    session.trim(BLOCK_SIZE, BLOCK_SIZE, false).await.unwrap();
+    drop(session);
+    write_blocks(&pool, "v@x", 2, 1, 3).await;
+    let c = pool.commit("v", "x", msg("c")).await.unwrap();
+    let report = pool
+        .merge(
+            "v",
+            MergeRequest {
+                from: "x".into(),
+                into: "main".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let m = report.commit.unwrap();
+    assert_eq!(m.parents, vec![e.id, c.id]);
+    pool.delete_branch("v", "x").await.unwrap();
+    pool.delete_commit("v", &c.id.to_hex()).await.unwrap();
+    // e began its history: the merge's next parent, t, becomes its first. Block 1 (t's data,
+    // the merge's zeros) changed from t though neither e nor the merge itself changed it.
+    pool.delete_commit("v", &e.id.to_hex()).await.unwrap();
+    let m = pool.commit_info("v", &m.id.to_hex()).unwrap();
+    assert_eq!(m.parents, vec![t.id]);
+    let changes: Vec<u64> = pool
+        .commit_changes("v", &m.id.to_hex())
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(changes, vec![0, 1, 2]);
+    let diff = pool
+        .diff("v", &t.id.to_hex(), &m.id.to_hex())
+        .await
+        .unwrap();
+    assert_eq!(diff.blocks.iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+    pool.flush().await.unwrap();
+    let report = pool.check_consistency().unwrap();
+    assert!(report.clean(), "{:?}", report.problems);
+}
+
+#[tokio::test]
 async fn squashing_a_commit_returns_its_own_blocks() {
     let (_disk, pool) = sim_pool();
     pool.create_volume("v", 4096 * BLOCK_SIZE).await.unwrap();
