@@ -40,11 +40,44 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("grove")
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(run(config));
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("grove-control")
+        .on_thread_start(control_plane_priority())
+        .build()
+        .context("cannot start the control-plane runtime")?;
+    let result = runtime.block_on(run(config, control.handle().clone()));
     // NBD connections still open are dropped here; everything they had acknowledged before the
     // final flush is durable. Blocking work still running gets a bounded time to finish.
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    control.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     result
+}
+
+/// How much lower than the data path the control plane runs (nice increment).
+const CONTROL_PLANE_NICE: libc::c_int = 10;
+
+/// Returns what sets a control-plane thread's scheduling priority: `CONTROL_PLANE_NICE` below
+/// the data path's. The control plane (the HTTP API and the changes it makes, space scans,
+/// the event log, scrubs) runs on threads set this way, so that when the CPU is short, NBD
+/// and iSCSI requests come first: a thousand commit deletes in a row otherwise take the CPU
+/// that reads were waiting for. Measured on 2 cores, 4 KiB random reads at QD32 beside 1,000
+/// back-to-back API requests: read p99 went from 2.1-2.4 times to 1.6-2.2 times what it was
+/// without them.
+///
+/// The value is absolute, not an increment: a thread started by a lowered one inherits its
+/// priority, and must not be lowered twice.
+#[allow(unsafe_code)]
+fn control_plane_priority() -> impl Fn() + Send + Sync + 'static {
+    // SAFETY: getpriority only reads the calling thread's nice value (per thread on Linux),
+    // here the main thread's, before any thread is lowered.
+    let data_path = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let control = (data_path + CONTROL_PLANE_NICE).min(19);
+    move || {
+        // SAFETY: setpriority with `who` 0 changes only the calling thread's priority. Failing
+        // to lower it is harmless: the thread runs as it would have.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, control) };
+    }
 }
 
 /// Keeps glibc's allocator from growing the daemon's memory without bound under load.
@@ -111,7 +144,7 @@ fn init_logging() {
 /// before that is a failure.
 type ServerResult = (&'static str, io::Result<()>);
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, control: tokio::runtime::Handle) -> anyhow::Result<()> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         ?config,
@@ -125,10 +158,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let pool = open_pool(&config).await?;
     // Scans once now, so that space figures exist, then after deletes, resets and clones.
     // The task ends when the pool is dropped.
-    let _reclaimer = pool.spawn_reclaimer();
     // Sessions opening and closing are logged as they happen, not with the next change.
     pool.set_event_retention(config.event_retention());
-    let _event_logger = pool.spawn_event_logger();
+    let (_reclaimer, _event_logger) = {
+        let _control = control.enter();
+        (pool.spawn_reclaimer(), pool.spawn_event_logger())
+    };
 
     let nbd_listener = TcpListener::bind(config.nbd_listen)
         .await
@@ -181,7 +216,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let (api_stop, api_stopped) = oneshot::channel::<()>();
     let api_pool = pool.clone();
-    let mut api = tokio::spawn(async move {
+    let mut api = control.spawn(async move {
         let shutdown = async move {
             // A dropped sender also means stop.
             let _ = api_stopped.await;

@@ -1,7 +1,7 @@
 //! The catalog: volumes, branch heads, commits and tags, held in memory and made durable as
 //! journal records (see FORMAT.md, "journal"). Replaying the journal from the start rebuilds it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use roaring::RoaringTreemap;
@@ -258,6 +258,9 @@ pub struct Catalog {
     /// Commit id -> volume holding it. Commit ids are unique across the pool, and a clone's
     /// history continues into the volume it was cloned from.
     pub commit_volumes: HashMap<CommitId, String>,
+    /// Commit id -> the commits naming it as a parent, kept with every change so that
+    /// squashing a commit finds its children without reading the whole history.
+    children: HashMap<CommitId, BTreeSet<CommitId>>,
     /// Control-plane records by (kind, id).
     pub records: BTreeMap<(String, String), serde_json::Value>,
 }
@@ -299,6 +302,36 @@ impl Catalog {
     pub fn commit(&self, id: &CommitId) -> Option<&CommitRecord> {
         let volume = self.commit_volumes.get(id)?;
         self.volumes.get(volume)?.commits.get(id)
+    }
+
+    /// The commits that name `id` as a parent, in id order.
+    pub fn children(&self, id: &CommitId) -> Vec<&CommitRecord> {
+        self.children
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|child| self.commit(child))
+            .collect()
+    }
+
+    fn link_parents(&mut self, commit: &CommitInfo) {
+        for parent in &commit.parents {
+            self.children.entry(*parent).or_default().insert(commit.id);
+        }
+    }
+
+    fn unlink_parents(&mut self, id: &CommitId) {
+        let Some(parents) = self.commit(id).map(|c| c.info.parents.clone()) else {
+            return;
+        };
+        for parent in parents {
+            if let Some(children) = self.children.get_mut(&parent) {
+                children.remove(id);
+                if children.is_empty() {
+                    self.children.remove(&parent);
+                }
+            }
+        }
     }
 
     /// A commit that must exist (a parent or base named by the catalog itself).
@@ -401,12 +434,20 @@ impl Catalog {
                 );
             }
             CatalogOp::DeleteVolume { name } => {
+                let commits: Vec<CommitId> = match self.volumes.get(name) {
+                    Some(vol) => vol.commits.keys().copied().collect(),
+                    None => Vec::new(),
+                };
+                for id in &commits {
+                    self.unlink_parents(id);
+                }
                 if let Some(vol) = self.volumes.remove(name) {
                     for id in vol.branches.values() {
                         self.heads.remove(id);
                     }
                     for id in vol.commits.keys() {
                         self.commit_volumes.remove(id);
+                        self.children.remove(id);
                     }
                 }
             }
@@ -416,6 +457,9 @@ impl Catalog {
                 }
             }
             CatalogOp::Commit { commit } => {
+                self.volume(&commit.info.volume)?;
+                self.unlink_parents(&commit.info.id);
+                self.link_parents(&commit.info);
                 self.volume_mut(&commit.info.volume)?
                     .commits
                     .insert(commit.info.id, commit.clone());
@@ -423,8 +467,11 @@ impl Catalog {
                     .insert(commit.info.id, commit.info.volume.clone());
             }
             CatalogOp::DeleteCommit { volume, id } => {
+                self.volume(volume)?;
+                self.unlink_parents(id);
                 self.volume_mut(volume)?.commits.remove(id);
                 self.commit_volumes.remove(id);
+                self.children.remove(id);
             }
             CatalogOp::CreateTag {
                 volume,

@@ -116,14 +116,8 @@ impl Pool {
                 let id = commit.info.id;
                 check_unneeded(st, &commit)?;
                 let bitmap = read_bitmap(&st.meta, &commit.bitmap)?;
-                let children: Vec<CommitRecord> = st
-                    .catalog
-                    .volumes
-                    .values()
-                    .flat_map(|v| v.commits.values())
-                    .filter(|c| c.info.parents.contains(&id))
-                    .cloned()
-                    .collect();
+                let children: Vec<CommitRecord> =
+                    st.catalog.children(&id).into_iter().cloned().collect();
                 let mut ops = Vec::new();
                 // Frees are queued only once nothing can fail any more: a blob written for a
                 // change that fails is merely unreferenced, and the reclaimer returns it.
