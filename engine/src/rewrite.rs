@@ -87,9 +87,8 @@ impl Pool {
     /// Deletes a commit, folding its changes into its children (squashing history): each
     /// child whose first parent it was records its changes too, and takes its parents (a
     /// merge child of a commit without parents compares its maps again, since its next
-    /// parent becomes its first). Refused
-    /// while a tag points at it, it is a branch's latest commit, or sessions read it. The
-    /// space only it held returns to the pool.
+    /// parent becomes its first). Refused while a tag points at it, it is a branch's latest
+    /// commit, or sessions read it. The space only it held returns to the pool.
     pub async fn delete_commit(&self, volume: &str, id_or_prefix: &str) -> Result<()> {
         let id = self.commit_info(volume, id_or_prefix)?.id;
         let refuse_readers = move |inner: &PoolInner| {
