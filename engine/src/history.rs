@@ -226,16 +226,22 @@ pub(crate) fn refine(
     Ok(differing.into_bitmap())
 }
 
-/// `refine` for a caller that holds the state lock already (and keeps it throughout).
-pub(crate) fn refine_locked(
+/// The blocks commit `to` maps differently from commit `from`: the candidates along both
+/// first-parent chains, checked against both maps, for a caller that holds the state lock.
+pub(crate) fn changes_between(
     st: &mut State,
-    a: &MapSource,
-    b: &MapSource,
-    candidates: &RoaringTreemap,
+    from: CommitId,
+    to: CommitId,
 ) -> Result<RoaringTreemap> {
-    let all: Vec<(u64, u64)> = runs(candidates).collect();
+    let side = |id| RefState {
+        commit: Some(id),
+        uncommitted: None,
+    };
+    let candidates = candidates(st, &side(from), &side(to))?;
+    let all: Vec<(u64, u64)> = runs(&candidates).collect();
     let mut differing = Runs::default();
-    refine_runs(st, a, b, &all, &mut differing)?;
+    let (a, b) = (MapSource::Commit(Some(from)), MapSource::Commit(Some(to)));
+    refine_runs(st, &a, &b, &all, &mut differing)?;
     Ok(differing.into_bitmap())
 }
 

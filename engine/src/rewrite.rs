@@ -11,7 +11,7 @@ use roaring::RoaringTreemap;
 use crate::catalog::*;
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::history::{candidates, read_bitmap, refine_locked, MapSource, RefState};
+use crate::history::{changes_between, read_bitmap};
 use crate::merge::refuse_merge_branch;
 use crate::meta::PendingFree;
 use crate::pool::{check_gated, fork, free_head_space, Fork, Pool, PoolInner, State};
@@ -122,23 +122,6 @@ impl Pool {
                 // change that fails is merely unreferenced, and the reclaimer returns it.
                 let mut replaced_blobs = vec![commit.bitmap];
                 for mut child in children.iter().cloned() {
-                    if child.info.parents.first() == Some(&id) {
-                        let changed = match (commit.info.parents.first(), child.info.parents.get(1))
-                        {
-                            // The squashed commit began its history and the child is a merge:
-                            // the child's next parent becomes its first, so what it changed
-                            // from that one is found by comparing the two maps.
-                            (None, Some(&next)) => changes_from(st, next, child.info.id)?,
-                            // Its changes from the squashed commit's first parent: its own
-                            // plus the squashed commit's (or, from the empty volume, those).
-                            _ => read_bitmap(&st.meta, &child.bitmap)? | &bitmap,
-                        };
-                        replaced_blobs.push(child.bitmap);
-                        child.bitmap = write_bitmap(st, &changed)?;
-                        child.info.changed_blocks = changed.len();
-                        // Its data now includes the squashed commit's: so does its lineage.
-                        child.info.lineage.absorb(&commit.info.lineage);
-                    }
                     let mut parents: Vec<CommitId> = Vec::new();
                     for p in &child.info.parents {
                         let replaced = if *p == id {
@@ -151,6 +134,23 @@ impl Pool {
                                 parents.push(q);
                             }
                         }
+                    }
+                    if child.info.parents.first() == Some(&id) {
+                        // Its bitmap is relative to its new first parent. When that is the
+                        // squashed commit's own first parent (or the empty volume for both),
+                        // it is the child's changes plus the squashed commit's; otherwise (a
+                        // merge child of a commit without parents) the maps are compared.
+                        let changed = match parents.first() {
+                            Some(&first) if parents.first() != commit.info.parents.first() => {
+                                changes_between(st, first, child.info.id)?
+                            }
+                            _ => read_bitmap(&st.meta, &child.bitmap)? | &bitmap,
+                        };
+                        replaced_blobs.push(child.bitmap);
+                        child.bitmap = write_bitmap(st, &changed)?;
+                        child.info.changed_blocks = changed.len();
+                        // Its data now includes the squashed commit's: so does its lineage.
+                        child.info.lineage.absorb(&commit.info.lineage);
                     }
                     child.info.parents = parents;
                     ops.push(CatalogOp::Commit { commit: child });
@@ -327,20 +327,4 @@ pub(crate) fn free_blob(st: &mut State, blob: &BlobRef) {
         start: pages.start,
         len: pages.end - pages.start,
     });
-}
-
-/// The blocks commit `to` maps differently from commit `from`: the candidates along both
-/// first-parent chains, checked against both maps.
-fn changes_from(st: &mut State, from: CommitId, to: CommitId) -> Result<RoaringTreemap> {
-    let side = |id| RefState {
-        commit: Some(id),
-        uncommitted: None,
-    };
-    let candidates = candidates(st, &side(from), &side(to))?;
-    refine_locked(
-        st,
-        &MapSource::Commit(Some(from)),
-        &MapSource::Commit(Some(to)),
-        &candidates,
-    )
 }

@@ -42,6 +42,16 @@ fn sim_pool() -> (SimDisk, Pool) {
     (disk, pool)
 }
 
+/// Merges branch x into main of volume v, with the default strategy.
+async fn merge_x_into_main(pool: &Pool) -> MergeReport {
+    let request = MergeRequest {
+        from: "x".into(),
+        into: "main".into(),
+        ..Default::default()
+    };
+    pool.merge("v", request).await.unwrap()
+}
+
 #[tokio::test]
 async fn blame_follows_merges_to_the_commit_that_wrote_a_block() {
     let (_disk, pool) = sim_pool();
@@ -55,17 +65,7 @@ async fn blame_follows_merges_to_the_commit_that_wrote_a_block() {
         .unwrap();
     write_blocks(&pool, "v@x", 8, 1, 3).await;
     let x1 = pool.commit("v", "x", msg("on x")).await.unwrap();
-    let report = pool
-        .merge(
-            "v",
-            MergeRequest {
-                from: "x".into(),
-                into: "main".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let report = merge_x_into_main(&pool).await;
     assert_eq!(report.outcome, MergeOutcome::Merged);
     write_blocks(&pool, "v", 9, 1, 4).await;
 
@@ -124,17 +124,7 @@ async fn squashing_the_first_commit_under_a_merge_keeps_the_merge_bitmap_exact()
     drop(session);
     write_blocks(&pool, "v@x", 2, 1, 3).await;
     let c = pool.commit("v", "x", msg("c")).await.unwrap();
-    let report = pool
-        .merge(
-            "v",
-            MergeRequest {
-                from: "x".into(),
-                into: "main".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let report = merge_x_into_main(&pool).await;
     let m = report.commit.unwrap();
     assert_eq!(m.parents, vec![e.id, c.id]);
     pool.delete_branch("v", "x").await.unwrap();
