@@ -1244,7 +1244,7 @@ impl PoolInner {
 
     /// One sync point (FORMAT.md, "sync points"): the catalog change `f` applied, dirty nodes
     /// written and the generation advanced, all under the state lock; then data, metadata and
-    /// a journal record made durable, in that order. The record logs the change's events (and
+    /// checksums made durable together, then a journal record after them. The record logs the change's events (and
     /// any pending ones), which are published once it is durable, in order. Runs on a blocking
     /// thread.
     pub(crate) fn sync<F>(&self, actor: Option<Arc<str>>, f: F) -> Result<()>
@@ -1348,9 +1348,16 @@ impl PoolInner {
         // write acknowledged before this sync completed its data write: one data sync now covers
         // both. It must come after the snapshot, or a block mapped in between would be recorded
         // without its data.
+        // The data, metadata and checksums are independent of one another; only the record
+        // must wait for all three. Synced together, they cost one wait, not three in turn.
         let syncing = std::time::Instant::now();
-        io::sync_blocking(&*self.backend, FileKind::Data).map_err(|e| self.fail(e))?;
-        let Some((record, gen, journal_at, events, sync_sums)) = snapshot else {
+        let files: &[FileKind] = match &snapshot {
+            None => &[FileKind::Data],
+            Some((.., true)) => &[FileKind::Data, FileKind::Meta, FileKind::Sums],
+            Some((.., false)) => &[FileKind::Data, FileKind::Meta],
+        };
+        io::sync_all_blocking(&*self.backend, files).map_err(|e| self.fail(e))?;
+        let Some((record, gen, journal_at, events, _)) = snapshot else {
             self.metrics.sync_latency.observe(syncing.elapsed());
             // Nothing new to record: the durable state is the last record's.
             let durable = self.state.lock().meta.gen - 1;
@@ -1358,14 +1365,7 @@ impl PoolInner {
             return Ok(());
         };
         let payload_len = (record.len() - RECORD_HEADER_BYTES) as u64;
-        let durable = io::sync_blocking(&*self.backend, FileKind::Meta)
-            .and_then(|()| match sync_sums {
-                true => io::sync_blocking(&*self.backend, FileKind::Sums),
-                false => Ok(()),
-            })
-            .and_then(|()| {
-                io::write_blocking(&*self.backend, FileKind::Journal, journal_at, record)
-            })
+        let durable = io::write_blocking(&*self.backend, FileKind::Journal, journal_at, record)
             .and_then(|()| io::sync_blocking(&*self.backend, FileKind::Journal));
         durable.map_err(|e| self.fail(e))?;
         self.metrics.sync_latency.observe(syncing.elapsed());

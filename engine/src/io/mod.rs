@@ -256,6 +256,35 @@ pub fn sync_blocking(backend: &dyn IoBackend, file: FileKind) -> io::Result<()> 
     run_blocking(backend, IoOp::Sync { file }).result
 }
 
+/// Syncs `files` concurrently and blocks until every sync has completed: one wait for the
+/// slowest instead of one per file in turn, and the block layer may serve several with one
+/// device cache flush. The first failure is returned, after all have completed.
+pub fn sync_all_blocking(backend: &dyn IoBackend, files: &[FileKind]) -> io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(files.len());
+    for &file in files {
+        let tx = tx.clone();
+        DISK_OPS_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        backend.submit(
+            IoOp::Sync { file },
+            Box::new(move |done| {
+                DISK_OPS_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(done.result);
+            }),
+        );
+    }
+    drop(tx);
+    let mut outcome = Ok(());
+    for _ in files {
+        let result = rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("I/O backend stopped")));
+        if outcome.is_ok() {
+            outcome = result;
+        }
+    }
+    outcome
+}
+
 /// Opens (creating if needed) the pool files in `dir` for a file-backed backend.
 pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; FILE_COUNT]> {
     let open = |kind: FileKind| {
@@ -392,6 +421,70 @@ mod tests {
             Err(err) => eprintln!("io_uring unavailable here ({err}); testing the others"),
         }
         out
+    }
+
+    /// Completes every op on a thread of its own, later for earlier files; fails the sync of
+    /// `failing`. Counts the completions.
+    struct SlowSyncs {
+        failing: FileKind,
+        completed: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl IoBackend for SlowSyncs {
+        fn name(&self) -> &'static str {
+            "slow syncs"
+        }
+        fn submit(&self, op: IoOp, done: Completion) {
+            let IoOp::Sync { file } = op else {
+                panic!("only syncs here");
+            };
+            let (failing, completed) = (self.failing, self.completed.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(30 - 10 * file as u64));
+                completed.fetch_add(1, Ordering::SeqCst);
+                let result = match file == failing {
+                    true => Err(io::Error::other("sync failed")),
+                    false => Ok(()),
+                };
+                done(IoDone {
+                    buf: Vec::new(),
+                    result,
+                });
+            });
+        }
+        fn file_len(&self, _: FileKind) -> io::Result<u64> {
+            Ok(0)
+        }
+        fn set_len(&self, _: FileKind, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn syncing_files_together_waits_for_all_and_reports_a_failure() {
+        let completed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let backend = SlowSyncs {
+            failing: FileKind::Meta,
+            completed: completed.clone(),
+        };
+        let files = [FileKind::Data, FileKind::Meta, FileKind::Sums];
+        let err = sync_all_blocking(&backend, &files).unwrap_err();
+        assert_eq!(err.to_string(), "sync failed");
+        assert_eq!(completed.load(Ordering::SeqCst), 3);
+
+        let backend = SlowSyncs {
+            failing: FileKind::Journal,
+            completed: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        sync_all_blocking(&backend, &files).unwrap();
+        // On the real backends too.
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["threads", "uring"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        for backend in backends(dir.path()) {
+            sync_all_blocking(&*backend, &files).unwrap();
+        }
     }
 
     #[test]
