@@ -1244,9 +1244,9 @@ impl PoolInner {
 
     /// One sync point (FORMAT.md, "sync points"): the catalog change `f` applied, dirty nodes
     /// written and the generation advanced, all under the state lock; then data, metadata and
-    /// checksums made durable together, then a journal record after them. The record logs the change's events (and
-    /// any pending ones), which are published once it is durable, in order. Runs on a blocking
-    /// thread.
+    /// checksums made durable together, and a journal record after them. The record logs the
+    /// change's events (and any pending ones), which are published once it is durable, in
+    /// order. Runs on a blocking thread.
     pub(crate) fn sync<F>(&self, actor: Option<Arc<str>>, f: F) -> Result<()>
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)>,
@@ -1347,9 +1347,8 @@ impl PoolInner {
         // Every mapping in the snapshot was installed after its data write completed, and every
         // write acknowledged before this sync completed its data write: one data sync now covers
         // both. It must come after the snapshot, or a block mapped in between would be recorded
-        // without its data.
-        // The data, metadata and checksums are independent of one another; only the record
-        // must wait for all three. Synced together, they cost one wait, not three in turn.
+        // without its data. Metadata and checksums do not depend on the data or on each other,
+        // only the record on all three: synced together, they cost one wait, not three.
         let syncing = std::time::Instant::now();
         let files: &[FileKind] = match &snapshot {
             None => &[FileKind::Data],
