@@ -444,10 +444,11 @@ impl MetaStore {
         }
     }
 
-    /// Writes every dirty node (part of a sync), all submitted at once. A node is marked clean
-    /// only once its write succeeded.
+    /// Writes every dirty node (part of a sync): on this thread where the backend can, else all
+    /// submitted at once. A node is marked clean only once its write succeeded.
     pub fn write_dirty(&mut self) -> Result<usize> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let mut written = Vec::new();
         let mut submitted = 0;
         for &page in &self.dirty {
             let node = match self.cache.peek(&page) {
@@ -457,23 +458,31 @@ impl MetaStore {
                     None => continue,
                 },
             };
-            let tx = tx.clone();
             let op = io::IoOp::Write {
                 file: FileKind::Meta,
                 offset: page * PAGE_SIZE as u64,
                 buf: node.encode(page),
             };
-            self.backend.submit(
-                op,
-                Box::new(move |done| {
-                    let _ = tx.send((page, done.result));
-                }),
-            );
-            submitted += 1;
+            // Written here where the backend can: the state lock is held, and a page-cache
+            // write is quicker than the hand-off (`IoBackend::run_here`).
+            match self.backend.run_here(op) {
+                Ok(done) => written.push((page, done.result)),
+                Err(op) => {
+                    let tx = tx.clone();
+                    self.backend.submit(
+                        op,
+                        Box::new(move |done| {
+                            let _ = tx.send((page, done.result));
+                        }),
+                    );
+                    submitted += 1;
+                }
+            }
         }
         drop(tx);
+        let count = written.len() + submitted;
         let mut first_error = None;
-        for (page, result) in rx.iter().take(submitted) {
+        for (page, result) in written.into_iter().chain(rx.iter().take(submitted)) {
             match result {
                 Ok(()) => {
                     self.dirty.remove(&page);
@@ -489,7 +498,7 @@ impl MetaStore {
         }
         match first_error {
             Some(err) => Err(Error::from_io(err)),
-            None => Ok(submitted),
+            None => Ok(count),
         }
     }
 
