@@ -194,6 +194,42 @@ fn tool_installed(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Disk a full run (4 GiB volumes) needs at its peak, in workload 6: the three peers' images
+/// and pools, qcow2's 10-deep chain, and the versioning volumes with qcow2's copies of them.
+const FULL_RUN_DISK_BYTES: u64 = 70_000_000_000;
+
+/// Fails at the start, not 25 minutes in, when the temporary directory cannot hold the run:
+/// what a full run needs, in proportion to the volume size.
+fn check_free_space(dir: &Path, size_bytes: u64) -> Result<()> {
+    let needed = (FULL_RUN_DISK_BYTES as f64 * size_bytes as f64 / (4u64 << 30) as f64) as u64;
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()?;
+    let available = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse::<u64>().ok());
+    match available {
+        Some(free) if free < needed => bail!(
+            "{} has {:.1} GB free; a run with {} MiB volumes needs about {:.1} GB (set TMPDIR \
+             elsewhere, or pass a smaller --size-mib)",
+            dir.display(),
+            free as f64 / 1e9,
+            size_bytes >> 20,
+            needed as f64 / 1e9
+        ),
+        Some(_) => Ok(()),
+        None => {
+            eprintln!(
+                "cannot tell the free space in {}: not checked",
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Starts grove on `dir` (a pool there is reopened) with a metadata cache of `cache_bytes`, and
 /// creates `volumes` (name, size in bytes).
 fn start_grove(
@@ -808,6 +844,7 @@ fn main() -> Result<()> {
         eprintln!("iSCSI: {why}: no tgt column, grove's iSCSI figures only");
     }
     let tmp = tempfile::tempdir()?;
+    check_free_space(tmp.path(), size_bytes)?;
     let dirs: Vec<PathBuf> = Peer::ALL
         .iter()
         .map(|p| tmp.path().join(p.name()))
