@@ -6,10 +6,10 @@
 //!   completed sync. It is what makes crash tests possible.
 //!
 //! Operations pass owned buffers and get them back with the completion, so a buffer is never
-//! freed or reused while the kernel may still touch it. I/O that a thread only waits for
-//! (metadata, checksums, the journal) runs on that thread where the backend allows it
-//! (`IoBackend::run_here`). A short transfer is retried for the rest; reading past the end of
-//! a file yields zeros (files are sparse).
+//! freed or reused while the kernel may still touch it. Reads and writes that a thread only
+//! waits for (metadata, checksums, the journal) run on that thread where the backend allows it
+//! (`IoBackend::run_here`); a sync point's syncs are still submitted together. A short transfer
+//! is retried for the rest; reading past the end of a file yields zeros (files are sparse).
 
 pub mod sim;
 pub mod threads;
@@ -508,6 +508,14 @@ mod tests {
         }
     }
 
+    /// Submits `op` and waits, never on the calling thread.
+    fn submitted(backend: &dyn IoBackend, op: IoOp) -> IoDone {
+        let (tx, rx) = std::sync::mpsc::channel();
+        backend.submit(op, Box::new(move |done| tx.send(done).unwrap()));
+        rx.recv().unwrap()
+    }
+
+    /// Through `submit`: the ring's own paths (`run_blocking` would run them here).
     #[test]
     fn scatter_writes_and_gather_reads_on_every_backend() {
         let dir = tempfile::tempdir().unwrap();
@@ -528,7 +536,7 @@ mod tests {
                     len: 8192,
                 },
             ];
-            let done = run_blocking(
+            let done = submitted(
                 &*backend,
                 IoOp::WriteMany {
                     file: FileKind::Data,
@@ -555,7 +563,7 @@ mod tests {
                     len: 4096,
                 },
             ];
-            let done = run_blocking(
+            let done = submitted(
                 &*backend,
                 IoOp::ReadMany {
                     file: FileKind::Data,
@@ -585,7 +593,7 @@ mod tests {
                 buf_offset: 4000,
                 len: 200,
             }];
-            let done = run_blocking(
+            let done = submitted(
                 &*backend,
                 IoOp::ReadMany {
                     file: FileKind::Data,
@@ -615,7 +623,7 @@ mod tests {
                     .collect()
             };
             let buf: Vec<u8> = (0..4096 * 512).map(|i| (i / 512 % 251) as u8).collect();
-            let done = run_blocking(
+            let done = submitted(
                 &*backend,
                 IoOp::WriteMany {
                     file: FileKind::Meta,
@@ -644,11 +652,54 @@ mod tests {
         }
     }
 
-    /// Submits `op` and waits, never on the calling thread.
-    fn submitted(backend: &dyn IoBackend, op: IoOp) -> IoDone {
-        let (tx, rx) = std::sync::mpsc::channel();
-        backend.submit(op, Box::new(move |done| tx.send(done).unwrap()));
-        rx.recv().unwrap()
+    /// Counts what goes through `submit`; runs here what the wrapped backend runs here.
+    struct CountingSubmits {
+        inner: Arc<dyn IoBackend>,
+        submits: std::sync::atomic::AtomicUsize,
+    }
+
+    impl IoBackend for CountingSubmits {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn submit(&self, op: IoOp, done: Completion) {
+            self.submits.fetch_add(1, Ordering::SeqCst);
+            self.inner.submit(op, done)
+        }
+        fn run_here(&self, op: IoOp) -> Result<IoDone, IoOp> {
+            self.inner.run_here(op)
+        }
+        fn file_len(&self, file: FileKind) -> io::Result<u64> {
+            self.inner.file_len(file)
+        }
+        fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
+            self.inner.set_len(file, len)
+        }
+    }
+
+    #[test]
+    fn blocking_io_runs_here_where_the_backend_can() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["threads", "uring"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        for inner in backends(dir.path()) {
+            let backend = CountingSubmits {
+                inner,
+                submits: Default::default(),
+            };
+            write_blocking(&backend, FileKind::Journal, 0, vec![3; 4096]).unwrap();
+            assert_eq!(
+                read_blocking(&backend, FileKind::Journal, 0, 4096).unwrap(),
+                vec![3; 4096]
+            );
+            sync_blocking(&backend, FileKind::Journal).unwrap();
+            let submits = backend.submits.load(Ordering::SeqCst);
+            match backend.name() {
+                "sim" => assert_eq!(submits, 3),
+                name => assert_eq!(submits, 0, "{name}"),
+            }
+        }
     }
 
     #[test]

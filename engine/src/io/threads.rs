@@ -55,7 +55,8 @@ fn worker(files: &[File; super::FILE_COUNT], receiver: &Mutex<mpsc::Receiver<Job
     }
 }
 
-/// Runs one operation with positional I/O; shared with the simulation's reference behaviour.
+/// Runs one operation with positional I/O: this backend's workers, and `run_here` on this and
+/// the io_uring backend.
 pub(crate) fn execute(files: &[File; super::FILE_COUNT], op: IoOp) -> IoDone {
     match op {
         IoOp::Read {
