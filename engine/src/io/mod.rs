@@ -430,7 +430,11 @@ pub fn fs_available_bytes(dir: &Path) -> io::Result<u64> {
 mod tests {
     use super::*;
 
+    /// Every backend, the file-backed ones each in a directory of its own under `dir`.
     fn backends(dir: &Path) -> Vec<Arc<dyn IoBackend>> {
+        for sub in ["threads", "uring"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
         let mut out: Vec<Arc<dyn IoBackend>> = vec![
             Arc::new(threads::ThreadsBackend::new(
                 open_files(&dir.join("threads")).unwrap(),
@@ -500,9 +504,6 @@ mod tests {
         sync_all_blocking(&backend, &files).unwrap();
         // On the real backends too.
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["threads", "uring"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
         for backend in backends(dir.path()) {
             sync_all_blocking(&*backend, &files).unwrap();
         }
@@ -519,9 +520,6 @@ mod tests {
     #[test]
     fn scatter_writes_and_gather_reads_on_every_backend() {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["threads", "uring"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
         for backend in backends(dir.path()) {
             let buf: Vec<u8> = (0..3 * 4096).map(|i| (i / 4096 + 1) as u8).collect();
             let pieces = vec![
@@ -608,9 +606,6 @@ mod tests {
     #[test]
     fn requests_with_more_pieces_than_the_completion_queue() {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["threads", "uring"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
         for backend in backends(dir.path()) {
             // 4096 pieces of 512 bytes each, scattered in reverse order; several requests at once.
             let pieces = |n: usize| -> Vec<Piece> {
@@ -680,9 +675,6 @@ mod tests {
     #[test]
     fn blocking_io_runs_here_where_the_backend_can() {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["threads", "uring"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
         for inner in backends(dir.path()) {
             let backend = CountingSubmits {
                 inner,
@@ -705,9 +697,6 @@ mod tests {
     #[test]
     fn running_here_and_submitting_see_the_same_file() {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["threads", "uring"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
         for backend in backends(dir.path()) {
             let name = backend.name();
             let data: Vec<u8> = (0..8192).map(|i| (i % 251) as u8).collect();
@@ -769,9 +758,6 @@ mod tests {
     #[test]
     fn cached_reads_never_block_and_fall_back_when_they_cannot_finish() {
         let dir = tempfile::tempdir().unwrap();
-        for sub in ["threads", "uring"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
         for backend in backends(dir.path()) {
             let data: Vec<u8> = (0..8192).map(|i| (i % 253) as u8).collect();
             write_blocking(&*backend, FileKind::Data, 4096, data.clone()).unwrap();
