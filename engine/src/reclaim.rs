@@ -234,7 +234,15 @@ impl Walk<'_> {
                     }
                     if first_visit && !now_shared {
                         // The same data block can sit in leaves of several roots (a leaf
-                        // copied on write keeps its other extents).
+                        // copied on write keeps its other extents): in a long history most
+                        // extents of a leaf were reached before, and that is checked word by
+                        // word, without building anything.
+                        if contains_all(&self.seen, &blocks) {
+                            if !contains_all(&self.shared, &blocks) {
+                                self.shared.insert_range(blocks);
+                            }
+                            continue;
+                        }
                         self.mark_seen_shared(blocks.clone());
                         self.first[root as usize].insert_range(blocks.clone());
                     } else if first_visit || became_shared {
@@ -258,6 +266,36 @@ impl Walk<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether `set` holds every block of `blocks`. The treemap keeps a bitmap per 2^32 blocks;
+/// each checks its part of the range in place.
+fn contains_all(set: &RoaringTreemap, blocks: &std::ops::Range<u64>) -> bool {
+    // The first block not yet shown to be in `set`.
+    let mut next = blocks.start;
+    if next >= blocks.end {
+        return true;
+    }
+    for (high, bitmap) in set.bitmaps() {
+        let base = u64::from(high) << 32;
+        let top = base + (1 << 32);
+        if top <= next {
+            continue;
+        }
+        if base > next {
+            return false;
+        }
+        let end = blocks.end.min(top);
+        // Both bounds lie in this bitmap's 2^32 blocks, so they fit in u32.
+        if !bitmap.contains_range((next - base) as u32..=(end - 1 - base) as u32) {
+            return false;
+        }
+        next = end;
+        if next >= blocks.end {
+            return true;
+        }
+    }
+    false
 }
 
 /// Ends a scan however it ends: frees are released again, allocations no longer recorded.
@@ -494,4 +532,34 @@ fn roots(st: &State) -> (Vec<Root>, Vec<String>, Vec<u64>) {
         }
     }
     (roots, volumes, counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contains_all_checks_every_block_across_the_treemaps_partitions() {
+        const PART: u64 = 1 << 32;
+        let mut set = RoaringTreemap::new();
+        set.insert_range(10..20);
+        set.insert_range(PART - 5..PART + 5);
+        set.insert_range(3 * PART..3 * PART + 2);
+
+        assert!(contains_all(&set, &(10..20)));
+        assert!(contains_all(&set, &(12..13)));
+        assert!(contains_all(&set, &(15..15)), "an empty range");
+        assert!(!contains_all(&set, &(9..20)));
+        assert!(!contains_all(&set, &(10..21)));
+        assert!(!contains_all(&set, &(20..21)));
+        // Across the boundary between two partitions.
+        assert!(contains_all(&set, &(PART - 5..PART + 5)));
+        assert!(!contains_all(&set, &(PART - 6..PART + 5)));
+        assert!(!contains_all(&set, &(PART - 5..PART + 6)));
+        // Partition 2 is missing altogether.
+        assert!(!contains_all(&set, &(3 * PART - 1..3 * PART + 1)));
+        assert!(contains_all(&set, &(3 * PART..3 * PART + 2)));
+        assert!(!contains_all(&set, &(4 * PART..4 * PART + 1)));
+        assert!(!contains_all(&RoaringTreemap::new(), &(0..1)));
+    }
 }
