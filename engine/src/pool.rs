@@ -207,6 +207,10 @@ pub(crate) struct PoolInner {
     pub(crate) reclaim_lock: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the background reclaimer.
     pub(crate) reclaim_wanted: Arc<tokio::sync::Notify>,
+    /// How many changes have asked for a scan, and how many of them the latest scan's
+    /// snapshot saw: the background reclaimer skips a scan that one through the API made.
+    pub(crate) reclaim_asked: AtomicU64,
+    pub(crate) reclaim_covered: AtomicU64,
     /// The latest scan's figures.
     pub(crate) space: Mutex<Option<crate::reclaim::SpaceReport>>,
     /// Which journal records hold which events.
@@ -308,6 +312,8 @@ impl Pool {
             dir_lock: Mutex::new(None),
             reclaim_lock: Default::default(),
             reclaim_wanted: Default::default(),
+            reclaim_asked: AtomicU64::new(0),
+            reclaim_covered: AtomicU64::new(0),
             space: Mutex::new(None),
             event_index: Mutex::new(event_index),
             log_wanted: Default::default(),

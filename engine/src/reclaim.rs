@@ -20,7 +20,9 @@
 //!    already queued for freeing; like every free it becomes reusable after the next sync.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,14 @@ use crate::types::*;
 /// After a background scan, the reclaimer waits this many times as long as the scan took
 /// before the next one.
 const SCAN_PAUSE_FACTOR: u32 = 3;
+
+/// A burst of changes (a script deleting a thousand commits) gets one scan after it, not
+/// several beside it: the background reclaimer starts once no change has asked for this
+/// long...
+const SCAN_QUIET: Duration = Duration::from_millis(500);
+/// ...or this long after the first change that asked, so that a steady stream of changes
+/// still gets its space back.
+const SCAN_DELAY_MAX: Duration = Duration::from_secs(10);
 
 /// What a volume's refs hold, as of a scan.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -314,9 +324,17 @@ impl Pool {
     /// Runs a scan now (waiting for one in progress): returns unreferenced space to the pool
     /// and measures what each ref holds alone.
     pub async fn reclaim(&self) -> Result<SpaceReport> {
+        let turn = self.inner.reclaim_lock.clone().lock_owned().await;
+        self.scan_now(turn).await
+    }
+
+    /// Runs a scan, its turn (`reclaim_lock`) taken.
+    async fn scan_now(
+        &self,
+        one_at_a_time: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Result<SpaceReport> {
         // The guard goes with the scan to its thread: a caller that gives up (an HTTP client
         // gone) must not let a second scan start beside one still running.
-        let one_at_a_time = self.inner.reclaim_lock.clone().lock_owned().await;
         self.inner.check_writable()?;
         let inner = self.inner.clone();
         run_blocking(move || {
@@ -340,28 +358,44 @@ impl Pool {
         self.inner.space.lock().clone()
     }
 
-    /// Asks the background reclaimer (see `spawn_reclaimer`) for a scan.
+    /// Asks the background reclaimer (see `spawn_reclaimer`) for a scan. Called once the
+    /// change is applied, so that a scan whose snapshot counts the request sees the change.
     pub(crate) fn reclaim_soon(&self) {
+        self.inner.reclaim_asked.fetch_add(1, Ordering::SeqCst);
         self.inner.reclaim_wanted.notify_one();
     }
 
     /// Starts the background reclaimer on the current tokio runtime: after deletes, resets
-    /// and clones it scans (coalescing requests that arrive meanwhile), and once at start so
-    /// the space figures exist. It ends when the pool is dropped.
+    /// and clones it scans (once a burst of them has passed, coalescing requests that arrive
+    /// meanwhile), and once at start so the space figures exist. It ends when the pool is
+    /// dropped.
     pub fn spawn_reclaimer(&self) -> tokio::task::JoinHandle<()> {
         let wanted = self.inner.reclaim_wanted.clone();
         let pool = Arc::downgrade(&self.inner);
-        wanted.notify_one();
+        self.reclaim_soon();
         tokio::spawn(async move {
             loop {
                 wanted.notified().await;
+                let first = tokio::time::Instant::now();
+                while first.elapsed() < SCAN_DELAY_MAX {
+                    let wait = SCAN_QUIET.min(SCAN_DELAY_MAX.saturating_sub(first.elapsed()));
+                    if tokio::time::timeout(wait, wanted.notified()).await.is_err() {
+                        break;
+                    }
+                }
                 let Some(inner) = pool.upgrade() else { break };
                 let pool = Pool { inner, actor: None };
                 if pool.is_failed() {
                     continue;
                 }
+                let turn = pool.inner.reclaim_lock.clone().lock_owned().await;
+                // A scan through the API may have seen every change since.
+                let asked = pool.inner.reclaim_asked.load(Ordering::SeqCst);
+                if pool.inner.reclaim_covered.load(Ordering::SeqCst) >= asked {
+                    continue;
+                }
                 let started = tokio::time::Instant::now();
-                if let Err(err) = pool.reclaim().await {
+                if let Err(err) = pool.scan_now(turn).await {
                     tracing::warn!(error = %err, "space scan failed; it runs again after the next change");
                 }
                 // Requests that come meanwhile wait, so that scans take at most a quarter of
@@ -388,8 +422,10 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
     // Every data block allocated before tracking began is mapped or freed once this returns.
     inner.grace.synchronize();
     let mut snapshot = None;
+    let mut asked = 0;
     inner.sync_writes(|st| {
         snapshot = Some(roots(st));
+        asked = inner.reclaim_asked.load(Ordering::SeqCst);
         Ok((Vec::new(), Vec::new()))
     })?;
     let Some((roots, volumes, volume_counts)) = snapshot else {
@@ -501,6 +537,7 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
         }
     }
     drop(st);
+    inner.reclaim_covered.fetch_max(asked, Ordering::SeqCst);
     Ok(report)
 }
 
