@@ -156,8 +156,8 @@ async fn run(config: Config, control: tokio::runtime::Handle) -> anyhow::Result<
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
 
     let pool = open_pool(&config).await?;
-    // Scans once now, so that space figures exist, then after deletes, resets and clones.
-    // The task ends when the pool is dropped.
+    // Scans once at start, so that space figures exist, then after deletes, resets and
+    // clones. The task ends when the pool is dropped.
     // Sessions opening and closing are logged as they happen, not with the next change.
     pool.set_event_retention(config.event_retention());
     let (_reclaimer, _event_logger) = {

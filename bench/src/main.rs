@@ -990,10 +990,12 @@ fn main() -> Result<()> {
         }
     }
 
-    // Workload 1 once more on both groves, after every other job. The run's first job is
-    // grove's workload 1 (with checksums), right after the four peers were filled, and it has
-    // come out well below grove's without checksums, which a harness running the two
-    // alternately does not reproduce: this tells the position apart from the checksums.
+    // Workload 1 once more on both groves, after every other job, grove without checksums
+    // first. The run's first job is grove's workload 1 (with checksums), right after the four
+    // peers were filled, and it has come out well below grove's without checksums, which a
+    // harness running the two alternately does not reproduce: this tells the place in the run
+    // apart from the checksums. Only the two groves of this row compare: workloads 4b and 4c
+    // have rewritten the volume since workload 1.
     let repeat = Job {
         name: "1 again, after the other jobs",
         rw: "randread",
@@ -1004,6 +1006,7 @@ fn main() -> Result<()> {
     };
     for server in servers
         .iter()
+        .rev()
         .filter(|s| matches!(s.peer, Peer::Grove | Peer::GroveNoChecksums))
     {
         warm_alone(server, &dirs, size_bytes)?;

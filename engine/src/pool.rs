@@ -211,6 +211,8 @@ pub(crate) struct PoolInner {
     /// snapshot saw: the background reclaimer skips a scan that one through the API made.
     pub(crate) reclaim_asked: AtomicU64,
     pub(crate) reclaim_covered: AtomicU64,
+    /// Scans completed since the pool opened.
+    pub(crate) space_scans: AtomicU64,
     /// The latest scan's figures.
     pub(crate) space: Mutex<Option<crate::reclaim::SpaceReport>>,
     /// Which journal records hold which events.
@@ -314,6 +316,7 @@ impl Pool {
             reclaim_wanted: Default::default(),
             reclaim_asked: AtomicU64::new(0),
             reclaim_covered: AtomicU64::new(0),
+            space_scans: AtomicU64::new(0),
             space: Mutex::new(None),
             event_index: Mutex::new(event_index),
             log_wanted: Default::default(),
@@ -2032,6 +2035,10 @@ fn create(
 
 impl Drop for PoolInner {
     fn drop(&mut self) {
+        // The background tasks hold the pool weakly and wait to be woken: woken now, they
+        // find it gone and end.
+        self.reclaim_wanted.notify_one();
+        self.log_wanted.notify_one();
         tracing::debug!("pool closed");
     }
 }

@@ -40,11 +40,11 @@ use crate::types::*;
 const SCAN_PAUSE_FACTOR: u32 = 3;
 
 /// A burst of changes (a script deleting a thousand commits) gets one scan after it, not
-/// several beside it: the background reclaimer starts once no change has asked for this
-/// long...
+/// several beside it: once woken, the background reclaimer scans when no change has asked
+/// for this long...
 const SCAN_QUIET: Duration = Duration::from_millis(500);
-/// ...or this long after the first change that asked, so that a steady stream of changes
-/// still gets its space back.
+/// ...or when this long has passed since it woke, so that a steady stream of changes still
+/// gets its space back, a scan about every ten seconds.
 const SCAN_DELAY_MAX: Duration = Duration::from_secs(10);
 
 /// What a volume's refs hold, as of a scan.
@@ -281,29 +281,29 @@ impl Walk<'_> {
 /// Whether `set` holds every block of `blocks`. The treemap keeps a bitmap per 2^32 blocks;
 /// each checks its part of the range in place.
 fn contains_all(set: &RoaringTreemap, blocks: &std::ops::Range<u64>) -> bool {
+    let Some(last) = blocks.end.checked_sub(1).filter(|&l| l >= blocks.start) else {
+        return true;
+    };
     // The first block not yet shown to be in `set`.
     let mut next = blocks.start;
-    if next >= blocks.end {
-        return true;
-    }
     for (high, bitmap) in set.bitmaps() {
         let base = u64::from(high) << 32;
-        let top = base + (1 << 32);
-        if top <= next {
+        let top = base + u64::from(u32::MAX);
+        if top < next {
             continue;
         }
         if base > next {
             return false;
         }
-        let end = blocks.end.min(top);
+        let end = last.min(top);
         // Both bounds lie in this bitmap's 2^32 blocks, so they fit in u32.
-        if !bitmap.contains_range((next - base) as u32..=(end - 1 - base) as u32) {
+        if !bitmap.contains_range((next - base) as u32..=(end - base) as u32) {
             return false;
         }
-        next = end;
-        if next >= blocks.end {
+        if end == last {
             return true;
         }
+        next = end + 1;
     }
     false
 }
@@ -338,10 +338,12 @@ impl Pool {
         self.inner.check_writable()?;
         let inner = self.inner.clone();
         run_blocking(move || {
-            let report = scan(&inner)?;
+            let (report, asked) = scan(&inner)?;
             // The sweep's frees become reusable at this sync point.
             inner.sync_writes(|_| Ok((Vec::new(), Vec::new())))?;
             *inner.space.lock() = Some(report.clone());
+            inner.reclaim_covered.fetch_max(asked, Ordering::SeqCst);
+            inner.space_scans.fetch_add(1, Ordering::SeqCst);
             drop(one_at_a_time);
             tracing::info!(
                 reclaimed_bytes = report.reclaimed_bytes,
@@ -358,6 +360,11 @@ impl Pool {
         self.inner.space.lock().clone()
     }
 
+    /// How many scans completed since the pool opened.
+    pub fn space_scans(&self) -> u64 {
+        self.inner.space_scans.load(Ordering::SeqCst)
+    }
+
     /// Asks the background reclaimer (see `spawn_reclaimer`) for a scan. Called once the
     /// change is applied, so that a scan whose snapshot counts the request sees the change.
     pub(crate) fn reclaim_soon(&self) {
@@ -367,8 +374,8 @@ impl Pool {
 
     /// Starts the background reclaimer on the current tokio runtime: after deletes, resets
     /// and clones it scans (once a burst of them has passed, coalescing requests that arrive
-    /// meanwhile), and once at start so the space figures exist. It ends when the pool is
-    /// dropped.
+    /// meanwhile), and once at start so the space figures exist. It ends once the pool is
+    /// dropped (`PoolInner`'s drop wakes it).
     pub fn spawn_reclaimer(&self) -> tokio::task::JoinHandle<()> {
         let wanted = self.inner.reclaim_wanted.clone();
         let pool = Arc::downgrade(&self.inner);
@@ -408,8 +415,12 @@ impl Pool {
     }
 }
 
-fn scan(inner: &PoolInner) -> Result<SpaceReport> {
-    {
+/// Runs a scan; returns its figures and how many requests for a scan it answers.
+fn scan(inner: &PoolInner) -> Result<(SpaceReport, u64)> {
+    // Counted when tracking starts, not at the snapshot: what a change applied before then
+    // left unreferenced was allocated before then, so the sweep frees it; a change applied
+    // between the two is in the snapshot, but blocks it allocated meanwhile are spared.
+    let asked = {
         let mut st = inner.state.lock();
         if st.scan_active {
             return Err(Error::Conflict("a space scan is already running".into()));
@@ -417,15 +428,14 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
         st.scan_active = true;
         st.data.start_tracking();
         st.meta.pages.start_tracking();
-    }
+        inner.reclaim_asked.load(Ordering::SeqCst)
+    };
     let _guard = ScanGuard(inner);
     // Every data block allocated before tracking began is mapped or freed once this returns.
     inner.grace.synchronize();
     let mut snapshot = None;
-    let mut asked = 0;
     inner.sync_writes(|st| {
         snapshot = Some(roots(st));
-        asked = inner.reclaim_asked.load(Ordering::SeqCst);
         Ok((Vec::new(), Vec::new()))
     })?;
     let Some((roots, volumes, volume_counts)) = snapshot else {
@@ -537,8 +547,7 @@ fn scan(inner: &PoolInner) -> Result<SpaceReport> {
         }
     }
     drop(st);
-    inner.reclaim_covered.fetch_max(asked, Ordering::SeqCst);
-    Ok(report)
+    Ok((report, asked))
 }
 
 /// Every root of the pool, the volumes in order, and each volume's block count at the snapshot.

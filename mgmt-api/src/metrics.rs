@@ -415,6 +415,14 @@ impl Collector for PoolCollector {
         }
         single(
             &mut encoder,
+            "reclaim_scans",
+            "Space scans completed since start (background and asked for)",
+            None,
+            MetricType::Counter,
+            counter(pool.space_scans()),
+        )?;
+        single(
+            &mut encoder,
             "checksum_errors",
             "Reads and scrubs that found a data block not matching its checksum, since start",
             None,
