@@ -462,7 +462,7 @@ impl Pool {
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         let name = name.to_string();
         self.inner
-            .change(self.actor.clone(), move |st| {
+            .change_then_scan(None, self.actor.clone(), move |st| {
                 let vol = st.catalog.volume(&name)?;
                 if vol.sessions > 0 {
                     return Err(Error::Conflict(format!(
@@ -515,7 +515,6 @@ impl Pool {
                 ))
             })
             .await?;
-        self.reclaim_soon();
         Ok(())
     }
 
@@ -666,8 +665,9 @@ impl Pool {
             .refuse_branch_sessions(volume, branch, "deleting it")?;
         let (volume, branch) = (volume.to_string(), branch.to_string());
         let inner = self.inner.clone();
+        // What the branch shared with nothing durable (writes it forked with) goes by a scan.
         self.inner
-            .change(self.actor.clone(), move |st| {
+            .change_then_scan(None, self.actor.clone(), move |st| {
                 inner.refuse_branch_sessions(&volume, &branch, "deleting it")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
                 let waiting: Vec<&str> = st
@@ -716,8 +716,6 @@ impl Pool {
                 Ok((vec![op], events))
             })
             .await?;
-        // What the branch shared with nothing durable (writes it forked with) goes too.
-        self.reclaim_soon();
         Ok(())
     }
 
@@ -1235,10 +1233,41 @@ impl PoolInner {
     where
         F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
     {
+        self.change_then(gate, actor, f, Afterwards::Nothing).await
+    }
+
+    /// Like `change_gated`, for a change that can leave blocks nothing references (a delete,
+    /// a reset, a clone): once it is durable, the background reclaimer is asked for a scan,
+    /// from the blocking thread, so that a caller that gave up still gets the space back.
+    pub(crate) async fn change_then_scan<F>(
+        self: &Arc<Self>,
+        gate: Option<OwnedRwLockWriteGuard<()>>,
+        actor: Option<Arc<str>>,
+        f: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
+    {
+        self.change_then(gate, actor, f, Afterwards::Scan).await
+    }
+
+    async fn change_then<F>(
+        self: &Arc<Self>,
+        gate: Option<OwnedRwLockWriteGuard<()>>,
+        actor: Option<Arc<str>>,
+        f: F,
+        afterwards: Afterwards,
+    ) -> Result<()>
+    where
+        F: FnOnce(&mut State) -> Result<(Vec<CatalogOp>, Vec<Event>)> + Send + 'static,
+    {
         let inner = self.clone();
         run_blocking(move || {
             let result = inner.sync(actor, f);
             drop(gate);
+            if result.is_ok() && afterwards == Afterwards::Scan {
+                inner.reclaim_soon();
+            }
             result
         })
         .await
@@ -2031,6 +2060,14 @@ fn create(
         reserved: None,
         intent_at_open: Vec::new(),
     })
+}
+
+/// What a change does once it is durable (`PoolInner::change_then`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Afterwards {
+    Nothing,
+    /// Asks the background reclaimer for a scan.
+    Scan,
 }
 
 impl Drop for PoolInner {

@@ -365,13 +365,6 @@ impl Pool {
         self.inner.space_scans.load(Ordering::SeqCst)
     }
 
-    /// Asks the background reclaimer (see `spawn_reclaimer`) for a scan. Called once the
-    /// change is applied, so that a scan whose snapshot counts the request sees the change.
-    pub(crate) fn reclaim_soon(&self) {
-        self.inner.reclaim_asked.fetch_add(1, Ordering::SeqCst);
-        self.inner.reclaim_wanted.notify_one();
-    }
-
     /// Starts the background reclaimer on the current tokio runtime: after deletes, resets
     /// and clones it scans (once a burst of them has passed, coalescing requests that arrive
     /// meanwhile), and once at start so the space figures exist. It ends once the pool is
@@ -379,7 +372,7 @@ impl Pool {
     pub fn spawn_reclaimer(&self) -> tokio::task::JoinHandle<()> {
         let wanted = self.inner.reclaim_wanted.clone();
         let pool = Arc::downgrade(&self.inner);
-        self.reclaim_soon();
+        self.inner.reclaim_soon();
         tokio::spawn(async move {
             loop {
                 wanted.notified().await;
@@ -412,6 +405,15 @@ impl Pool {
                 tokio::time::sleep(started.elapsed() * SCAN_PAUSE_FACTOR).await;
             }
         })
+    }
+}
+
+impl PoolInner {
+    /// Asks the background reclaimer (see `Pool::spawn_reclaimer`) for a scan. Called once
+    /// the change is applied, so that a scan that counts the request sees the change.
+    pub(crate) fn reclaim_soon(&self) {
+        self.reclaim_asked.fetch_add(1, Ordering::SeqCst);
+        self.reclaim_wanted.notify_one();
     }
 }
 

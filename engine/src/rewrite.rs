@@ -37,7 +37,7 @@ impl Pool {
         let (volume, branch) = (v.clone(), b.clone());
         let inner = self.inner.clone();
         self.inner
-            .change_gated(Some(gate), self.actor.clone(), move |st| {
+            .change_then_scan(Some(gate), self.actor.clone(), move |st| {
                 inner.refuse_branch_sessions(&volume, &branch, "a reset")?;
                 let id = st.catalog.head_id(&volume, &branch)?;
                 check_gated(Some(gated), id, &branch)?;
@@ -80,7 +80,6 @@ impl Pool {
                 ))
             })
             .await?;
-        self.reclaim_soon();
         self.branch(&v, &b)
     }
 
@@ -109,7 +108,7 @@ impl Pool {
         let (volume, prefix) = (volume.to_string(), id.to_hex());
         let inner = self.inner.clone();
         self.inner
-            .change(self.actor.clone(), move |st| {
+            .change_then_scan(None, self.actor.clone(), move |st| {
                 refuse_readers(&inner)?;
                 let commit = st.catalog.find_commit(&volume, &prefix)?.clone();
                 let id = commit.info.id;
@@ -175,7 +174,6 @@ impl Pool {
                 ))
             })
             .await?;
-        self.reclaim_soon();
         Ok(())
     }
 
@@ -195,7 +193,7 @@ impl Pool {
         let name = name.to_string();
         let created = name.clone();
         self.inner
-            .change_gated(gate, self.actor.clone(), move |st| {
+            .change_then_scan(gate, self.actor.clone(), move |st| {
                 if st.catalog.volumes.contains_key(&name) {
                     return Err(Error::exists(format!("volume {name:?}")));
                 }
@@ -252,7 +250,6 @@ impl Pool {
                 ))
             })
             .await?;
-        self.reclaim_soon();
         self.volume(&created)
     }
 

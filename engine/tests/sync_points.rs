@@ -193,3 +193,63 @@ async fn failed_metadata_writes_fail_the_pool() {
         );
     }
 }
+
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A delete whose caller gives up once the change is under way (an HTTP client gone) still
+/// completes, and still asks the background reclaimer for the scan that frees its blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_caller_gave_up_still_gets_its_space_back() {
+    let disk = SimDisk::new();
+    let (pool, hooks) = hooked(&disk);
+    pool.create_volume("v", 1 << 20).await.unwrap();
+    // Each commit's ten blocks are its own: the next one overwrites them.
+    let mut commits = Vec::new();
+    for n in 0..3u8 {
+        let s = pool.open_session("v", client()).unwrap();
+        s.write(0, &vec![n + 1; 10 * 4096], false).await.unwrap();
+        drop(s);
+        let request = CommitRequest {
+            message: "ten blocks".into(),
+            ..Default::default()
+        };
+        commits.push(pool.commit("v", "main", request).await.unwrap().id);
+    }
+    let _reclaimer = pool.spawn_reclaimer();
+    wait_until("the scan at start", || pool.space_scans() == 1).await;
+    pool.flush().await.unwrap();
+    let used = pool.stats().unwrap().used_bytes;
+
+    let (reached, go) = pause_after_data_sync(&hooks);
+    let doomed = commits[1].to_hex();
+    {
+        // Polled until its sync point is under way, then dropped, as an HTTP handler is when
+        // its client goes away.
+        let delete = pool.delete_commit("v", &doomed);
+        tokio::pin!(delete);
+        tokio::select! {
+            _ = &mut delete => panic!("the delete finished while its sync point was held"),
+            _ = wait(reached) => {}
+        }
+    }
+    go.send(()).unwrap();
+    wait_until("the commit's deletion", || {
+        pool.log("v", None)
+            .unwrap()
+            .iter()
+            .all(|c| c.id != commits[1])
+    })
+    .await;
+    wait_until("a scan after it", || pool.space_scans() == 2).await;
+    pool.flush().await.unwrap();
+    assert!(pool.stats().unwrap().used_bytes <= used - 10 * 4096);
+}
