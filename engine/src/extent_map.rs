@@ -17,6 +17,10 @@ use crate::meta::{Body, Child, Extent, MetaStore, Node, Target, TREE_HEIGHT_MAX}
 /// An extent entry holds at most this many blocks (its length is 32 bits on disk).
 pub const EXTENT_BLOCKS_MAX: u64 = u32::MAX as u64;
 
+/// Data blocks lie below this: past it a block's byte offset in the data file would not fit
+/// a file offset (`off_t`). A map pointing further is corrupt.
+pub const DATA_BLOCKS_MAX: u64 = i64::MAX as u64 / crate::types::BLOCK_SIZE;
+
 /// Index of the child whose key range holds `key`.
 fn route(children: &[Child], key: u64) -> usize {
     children.partition_point(|c| c.key <= key).saturating_sub(1)
@@ -361,6 +365,17 @@ impl MapReader<'_> {
                     ),
                     format!("logical block {}", e.lblock),
                 ));
+            }
+            if let Target::Data(p) = e.target {
+                if p.checked_add(e.len).is_none_or(|end| end > DATA_BLOCKS_MAX) {
+                    return Err(Error::corrupt(
+                        format!(
+                            "extent pointing to data block {p} (+{}), past any data file",
+                            e.len
+                        ),
+                        format!("logical block {}", e.lblock),
+                    ));
+                }
             }
             extent(e);
             Ok(())
