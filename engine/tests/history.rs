@@ -2,7 +2,11 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
+
+use common::wait_until;
 
 use grove_engine::io::sim::SimDisk;
 use grove_engine::*;
@@ -419,18 +423,6 @@ async fn a_clone_merges_back_and_then_is_needed() {
         Err(Error::Conflict(_))
     ));
     assert_eq!(pool.log("v", None).unwrap().len(), 2);
-}
-
-/// Waits until `done` holds, for at most 30 s.
-async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let started = std::time::Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

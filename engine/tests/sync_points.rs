@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use common::{pause_after_data_sync, HookBackend, Hooks};
+use common::{pause_after_data_sync, wait_until, HookBackend, Hooks};
 use grove_engine::io::sim::SimDisk;
 use grove_engine::*;
 
@@ -191,17 +191,6 @@ async fn failed_metadata_writes_fail_the_pool() {
             s.read(i * 8192, 4096).await.unwrap(),
             vec![(i % 251) as u8 + 1; 4096]
         );
-    }
-}
-
-async fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let started = std::time::Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "{what}: not within 30 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -84,3 +84,15 @@ pub fn pause_after_data_sync(
     }));
     (reached_rx, go_tx)
 }
+
+/// Waits until `done` holds, for at most 30 s.
+pub async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
