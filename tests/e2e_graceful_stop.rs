@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use support::nbd::{self, CMD_WRITE, REQUEST_MAGIC};
 use support::{require_nbd_tools, require_tool, Grove};
 
-const BLOCKS: u64 = 8192;
+/// Enough writes that the stream is still going when the stop comes, 300 ms in: at 40,000
+/// writes a second it would last well over a second.
+const BLOCKS: u64 = 65536;
 const BLOCK: u64 = 4096;
 
 fn block_bytes(token: u64) -> Vec<u8> {
@@ -24,7 +26,7 @@ fn sigterm_answers_what_was_read_flushes_and_exits_zero() {
     require_nbd_tools();
     require_tool("iscsi-inq", "libiscsi-bin");
     let mut grove = Grove::start();
-    grove.create_volume("drain", "64MiB");
+    grove.create_volume("drain", "256MiB");
     grove.create_volume("other", "64MiB");
 
     // An iSCSI client writing all along (qemu's iSCSI driver, a long run of writes).

@@ -711,18 +711,25 @@ impl Session {
                 len: (len * BLOCK_SIZE) as usize,
             })
             .collect();
-        // The backend needs a buffer of its own: a pooled one, not a fresh megabyte mapped,
+        // A small write goes into the page cache on this thread (`io::InlineWrites`); others
+        // are submitted, with a buffer of their own: a pooled one, not a fresh megabyte mapped,
         // faulted in and unmapped for every large write.
-        let mut buf = self.pool.read_buffers.take(data.len());
-        buf[..data.len()].copy_from_slice(data);
-        let op = IoOp::WriteMany {
-            file: FileKind::Data,
-            buf,
-            pieces,
+        let written = match self.pool.backend.write_here(FileKind::Data, data, &pieces) {
+            Some(result) => result,
+            None => {
+                let mut buf = self.pool.read_buffers.take(data.len());
+                buf[..data.len()].copy_from_slice(data);
+                let op = IoOp::WriteMany {
+                    file: FileKind::Data,
+                    buf,
+                    pieces,
+                };
+                let done = io::run(&*self.pool.backend, op).await;
+                self.pool.read_buffers.give_back(done.buf);
+                done.result
+            }
         };
-        let done = io::run(&*self.pool.backend, op).await;
-        self.pool.read_buffers.give_back(done.buf);
-        let failure = done.result.err();
+        let failure = written.err();
         let mut st = self.pool.state.lock();
         if let Some(err) = failure {
             // The new blocks were never mapped: nothing references them.

@@ -17,6 +17,7 @@ pub struct ThreadsBackend {
     files: Arc<[File; super::FILE_COUNT]>,
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     workers: Vec<thread::JoinHandle<()>>,
+    inline_writes: super::InlineWrites,
 }
 
 impl ThreadsBackend {
@@ -38,6 +39,7 @@ impl ThreadsBackend {
             files,
             sender: Mutex::new(Some(sender)),
             workers,
+            inline_writes: super::InlineWrites::new(),
         }
     }
 }
@@ -173,6 +175,16 @@ impl IoBackend for ThreadsBackend {
         pieces: &[super::Piece],
     ) -> Option<io::Result<()>> {
         super::read_nowait(&self.files[file as usize], buf, pieces)
+    }
+
+    fn write_here(
+        &self,
+        file: FileKind,
+        buf: &[u8],
+        pieces: &[super::Piece],
+    ) -> Option<io::Result<()>> {
+        self.inline_writes
+            .write(&self.files[file as usize], buf, pieces)
     }
 }
 

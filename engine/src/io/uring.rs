@@ -39,6 +39,7 @@ pub struct UringBackend {
     /// Set while the ring thread may block: only then does a submitter need to wake it.
     sleeping: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
+    inline_writes: super::InlineWrites,
 }
 
 impl UringBackend {
@@ -74,6 +75,7 @@ impl UringBackend {
             stopping,
             sleeping,
             thread: Some(thread),
+            inline_writes: super::InlineWrites::new(),
         })
     }
 
@@ -583,6 +585,11 @@ impl IoBackend for UringBackend {
         pieces: &[Piece],
     ) -> Option<io::Result<()>> {
         super::read_nowait(&self.files[file as usize], buf, pieces)
+    }
+
+    fn write_here(&self, file: FileKind, buf: &[u8], pieces: &[Piece]) -> Option<io::Result<()>> {
+        self.inline_writes
+            .write(&self.files[file as usize], buf, pieces)
     }
 }
 
