@@ -717,12 +717,35 @@ impl Session {
         let written = match self.pool.backend.write_here(FileKind::Data, data, &pieces) {
             Some(result) => result,
             None => {
-                let mut buf = self.pool.read_buffers.take(data.len());
-                buf[..data.len()].copy_from_slice(data);
-                let op = IoOp::WriteMany {
-                    file: FileKind::Data,
-                    buf,
-                    pieces,
+                // Large writes of new blocks go past the page cache (`io::DIRECT_WRITE_MIN_BYTES`),
+                // from memory aligned for it: the data starts at the first aligned byte of a
+                // buffer one alignment longer.
+                let direct =
+                    data.len() >= io::DIRECT_WRITE_MIN_BYTES && runs.iter().all(|run| run.3);
+                let room = if direct { io::DIRECT_ALIGN } else { 0 };
+                let mut buf = self.pool.read_buffers.take(data.len() + room);
+                let pad = if direct {
+                    (io::DIRECT_ALIGN - buf.as_ptr() as usize % io::DIRECT_ALIGN) % io::DIRECT_ALIGN
+                } else {
+                    0
+                };
+                buf[pad..pad + data.len()].copy_from_slice(data);
+                let mut pieces = pieces;
+                for piece in &mut pieces {
+                    piece.buf_offset += pad;
+                }
+                let op = if direct {
+                    IoOp::WriteDirect {
+                        file: FileKind::Data,
+                        buf,
+                        pieces,
+                    }
+                } else {
+                    IoOp::WriteMany {
+                        file: FileKind::Data,
+                        buf,
+                        pieces,
+                    }
                 };
                 let done = io::run(&*self.pool.backend, op).await;
                 self.pool.read_buffers.give_back(done.buf);

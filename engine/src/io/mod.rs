@@ -92,8 +92,44 @@ pub enum IoOp {
         buf: Vec<u8>,
         pieces: Vec<Piece>,
     },
+    /// Write the pieces of `buf` to `file` past the page cache (`O_DIRECT`), for large writes
+    /// of new data blocks (see `DIRECT_WRITE_MIN_BYTES`). Only the data file is opened for
+    /// it, and pieces must be aligned to `DIRECT_ALIGN` in memory and in the file: otherwise,
+    /// or where the file system refuses, the write goes through the page cache as
+    /// `WriteMany` would. Durable, like any write, only once the file is synced.
+    WriteDirect {
+        file: FileKind,
+        buf: Vec<u8>,
+        pieces: Vec<Piece>,
+    },
     /// Make every completed write to `file` durable (fdatasync).
     Sync { file: FileKind },
+}
+
+/// Alignment of direct writes' memory, file offsets and lengths: the block size, a multiple of
+/// every common device's logical block size.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Writes of new blocks at least this long go past the page cache (`IoOp::WriteDirect`).
+///
+/// Why: writing blocks the page cache does not hold yet makes the kernel find a free page for
+/// each, and on a virtual machine whose host takes back the guest's free memory (free page
+/// reporting), touching such a page costs a fault on the host. Measured on such a 2-core VM
+/// (Linux 6.18, ext4): 1 MiB writes to a new file ran at 272 MiB/s with 99% of a core in the
+/// kernel, against 1,262 MiB/s at 18% straight to the disk. Streaming writes of new data are
+/// rarely read back at once; small ones still go through the page cache, where reads find
+/// them.
+pub const DIRECT_WRITE_MIN_BYTES: usize = 256 << 10;
+
+/// True when every piece of `buf` can be written with `O_DIRECT`.
+pub(crate) fn direct_aligned(buf: &[u8], pieces: &[Piece]) -> bool {
+    let base = buf.as_ptr() as usize;
+    IoOp::pieces_fit(buf, pieces)
+        && pieces.iter().all(|p| {
+            (base + p.buf_offset).is_multiple_of(DIRECT_ALIGN)
+                && p.len.is_multiple_of(DIRECT_ALIGN)
+                && p.file_offset.is_multiple_of(DIRECT_ALIGN as u64)
+        })
 }
 
 impl IoOp {
@@ -416,6 +452,24 @@ pub(crate) fn open_files(dir: &Path) -> io::Result<[std::fs::File; FILE_COUNT]> 
     ])
 }
 
+/// The data file in `dir` opened a second time, with `O_DIRECT`, for `IoOp::WriteDirect`;
+/// `None` where the file system refuses direct I/O (tmpfs): those writes then go through the
+/// page cache.
+pub(crate) fn open_direct(dir: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.join(FileKind::Data.file_name()))
+    {
+        Ok(file) => Some(file),
+        Err(err) => {
+            tracing::info!(error = %err, "no direct I/O on the data file; large writes of new blocks go through the page cache");
+            None
+        }
+    }
+}
+
 /// Turns off the kernel's readahead on the data file (`POSIX_FADV_RANDOM`).
 ///
 /// The engine reads exactly the blocks a client asks for, and clients read ahead themselves.
@@ -451,14 +505,18 @@ pub enum BackendChoice {
 /// falls back to threads when the kernel refuses it.
 pub fn open_backend(dir: &Path, choice: BackendChoice) -> io::Result<Arc<dyn IoBackend>> {
     let files = open_files(dir)?;
+    let direct = open_direct(dir);
     match choice {
-        BackendChoice::Threads => Ok(Arc::new(threads::ThreadsBackend::new(files))),
-        BackendChoice::IoUring => Ok(Arc::new(uring::UringBackend::new(files)?)),
-        BackendChoice::Auto => match uring::UringBackend::new(files) {
+        BackendChoice::Threads => Ok(Arc::new(threads::ThreadsBackend::new(files, direct))),
+        BackendChoice::IoUring => Ok(Arc::new(uring::UringBackend::new(files, direct)?)),
+        BackendChoice::Auto => match uring::UringBackend::new(files, direct) {
             Ok(backend) => Ok(Arc::new(backend)),
             Err(err) => {
                 tracing::warn!(error = %err, "io_uring is unavailable; using the thread-pool I/O backend");
-                Ok(Arc::new(threads::ThreadsBackend::new(open_files(dir)?)))
+                Ok(Arc::new(threads::ThreadsBackend::new(
+                    open_files(dir)?,
+                    open_direct(dir),
+                )))
             }
         },
     }
@@ -528,10 +586,12 @@ mod tests {
         let mut out: Vec<Arc<dyn IoBackend>> = vec![
             Arc::new(threads::ThreadsBackend::new(
                 open_files(&dir.join("threads")).unwrap(),
+                open_direct(&dir.join("threads")),
             )),
             sim::SimDisk::new().backend(),
         ];
-        match uring::UringBackend::new(open_files(&dir.join("uring")).unwrap()) {
+        let uring_dir = dir.join("uring");
+        match uring::UringBackend::new(open_files(&uring_dir).unwrap(), open_direct(&uring_dir)) {
             Ok(backend) => out.push(Arc::new(backend)),
             Err(err) => eprintln!("io_uring unavailable here ({err}); testing the others"),
         }
@@ -891,6 +951,81 @@ mod tests {
                 len: large.len(),
             }];
             assert!(backend.write_here(FileKind::Data, &large, &whole).is_none());
+        }
+    }
+
+    #[test]
+    fn direct_writes_land_aligned_or_not_and_reads_through_the_cache_see_them() {
+        let dir = tempfile::tempdir().unwrap();
+        for backend in backends(dir.path()) {
+            let name = backend.name();
+            // Cached first: the direct write must replace what the page cache holds.
+            write_blocking(&*backend, FileKind::Data, 0, vec![1; 64 << 10]).unwrap();
+            assert_eq!(
+                read_blocking(&*backend, FileKind::Data, 8192, 4096).unwrap(),
+                vec![1; 4096]
+            );
+            // Aligned (the data at the first 4 KiB boundary of the buffer), two pieces in
+            // reverse order, one past the end of the file.
+            let mut buf = vec![0u8; 3 * DIRECT_ALIGN + DIRECT_ALIGN];
+            let pad = (DIRECT_ALIGN - buf.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+            buf[pad..pad + DIRECT_ALIGN].fill(2);
+            buf[pad + DIRECT_ALIGN..pad + 3 * DIRECT_ALIGN].fill(3);
+            let aligned = vec![
+                Piece {
+                    file_offset: 1 << 20,
+                    buf_offset: pad,
+                    len: DIRECT_ALIGN,
+                },
+                Piece {
+                    file_offset: 4096,
+                    buf_offset: pad + DIRECT_ALIGN,
+                    len: 2 * DIRECT_ALIGN,
+                },
+            ];
+            assert!(direct_aligned(&buf, &aligned));
+            let op = IoOp::WriteDirect {
+                file: FileKind::Data,
+                buf,
+                pieces: aligned,
+            };
+            submitted(&*backend, op).result.unwrap();
+            // Past the page cache indeed, where the file system allows it: nothing cached.
+            if name != "sim" && open_direct(&dir.path().join("threads")).is_some() {
+                let mut probe = vec![0u8; 4096];
+                let at = [Piece {
+                    file_offset: 1 << 20,
+                    buf_offset: 0,
+                    len: 4096,
+                }];
+                let cached = backend.read_cached(FileKind::Data, &mut probe, &at);
+                assert!(
+                    cached.is_none(),
+                    "{name}: a direct write left its data cached"
+                );
+            }
+            // Not aligned in the file: written all the same, through the page cache.
+            let odd = vec![4u8; DIRECT_ALIGN];
+            let unaligned = vec![Piece {
+                file_offset: 32768 + 100,
+                buf_offset: 0,
+                len: DIRECT_ALIGN,
+            }];
+            assert!(!direct_aligned(&odd, &unaligned));
+            let op = IoOp::WriteDirect {
+                file: FileKind::Data,
+                buf: odd,
+                pieces: unaligned,
+            };
+            submitted(&*backend, op).result.unwrap();
+            let read = |offset| read_blocking(&*backend, FileKind::Data, offset, 4096).unwrap();
+            assert_eq!(read(0), vec![1; 4096], "{name}");
+            assert_eq!(read(4096), vec![3; 4096], "{name}");
+            assert_eq!(read(8192), vec![3; 4096], "{name}");
+            assert_eq!(read(12288), vec![1; 4096], "{name}");
+            assert_eq!(read(32768 + 100), vec![4; 4096], "{name}");
+            assert_eq!(read(1 << 20), vec![2; 4096], "{name}");
+            sync_blocking(&*backend, FileKind::Data).unwrap();
         }
     }
 

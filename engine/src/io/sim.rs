@@ -234,7 +234,9 @@ impl IoBackend for SimBackend {
                         },
                     }
                 }
-                IoOp::ReadMany { buf, pieces, .. } | IoOp::WriteMany { buf, pieces, .. }
+                IoOp::ReadMany { buf, pieces, .. }
+                | IoOp::WriteMany { buf, pieces, .. }
+                | IoOp::WriteDirect { buf, pieces, .. }
                     if !IoOp::pieces_fit(&buf, &pieces) =>
                 {
                     IoDone {
@@ -263,7 +265,8 @@ impl IoBackend for SimBackend {
                         result: Ok(()),
                     }
                 }
-                IoOp::WriteMany { file, buf, pieces } => {
+                // No page cache here: a direct write is a write like any other.
+                IoOp::WriteMany { file, buf, pieces } | IoOp::WriteDirect { file, buf, pieces } => {
                     let end = pieces
                         .iter()
                         .map(|p| p.file_offset + p.len as u64)

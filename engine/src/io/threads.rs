@@ -14,15 +14,19 @@ pub const THREADS_WORKERS: usize = 16;
 type Job = (IoOp, Completion);
 
 pub struct ThreadsBackend {
-    files: Arc<[File; super::FILE_COUNT]>,
+    files: Arc<Files>,
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     workers: Vec<thread::JoinHandle<()>>,
     inline_writes: super::InlineWrites,
 }
 
 impl ThreadsBackend {
-    pub fn new(files: [File; super::FILE_COUNT]) -> Self {
-        let files = Arc::new(files);
+    /// `direct`: the data file opened with `O_DIRECT`, if the file system allows it.
+    pub fn new(files: [File; super::FILE_COUNT], direct: Option<File>) -> Self {
+        let files = Arc::new(Files {
+            files,
+            direct_data: direct,
+        });
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
         let workers = (0..THREADS_WORKERS)
@@ -44,7 +48,13 @@ impl ThreadsBackend {
     }
 }
 
-fn worker(files: &[File; super::FILE_COUNT], receiver: &Mutex<mpsc::Receiver<Job>>) {
+/// A pool's files, and its data file opened for direct writes where allowed.
+pub(crate) struct Files {
+    pub files: [File; super::FILE_COUNT],
+    pub direct_data: Option<File>,
+}
+
+fn worker(files: &Files, receiver: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         let job = {
             let Ok(receiver) = receiver.lock() else {
@@ -59,7 +69,8 @@ fn worker(files: &[File; super::FILE_COUNT], receiver: &Mutex<mpsc::Receiver<Job
 
 /// Runs one operation with positional I/O: this backend's workers, and `run_here` on this and
 /// the io_uring backend.
-pub(crate) fn execute(files: &[File; super::FILE_COUNT], op: IoOp) -> IoDone {
+pub(crate) fn execute(all: &Files, op: IoOp) -> IoDone {
+    let files = &all.files;
     match op {
         IoOp::Read {
             file,
@@ -73,7 +84,9 @@ pub(crate) fn execute(files: &[File; super::FILE_COUNT], op: IoOp) -> IoDone {
             let result = files[file as usize].write_all_at(&buf, offset);
             IoDone { buf, result }
         }
-        IoOp::ReadMany { buf, pieces, .. } | IoOp::WriteMany { buf, pieces, .. }
+        IoOp::ReadMany { buf, pieces, .. }
+        | IoOp::WriteMany { buf, pieces, .. }
+        | IoOp::WriteDirect { buf, pieces, .. }
             if !IoOp::pieces_fit(&buf, &pieces) =>
         {
             let err = io::Error::new(io::ErrorKind::InvalidInput, "piece outside its buffer");
@@ -101,6 +114,25 @@ pub(crate) fn execute(files: &[File; super::FILE_COUNT], op: IoOp) -> IoDone {
             let file = &files[file as usize];
             let result = pieces.iter().try_for_each(|p| {
                 file.write_all_at(&buf[p.buf_offset..p.buf_offset + p.len], p.file_offset)
+            });
+            IoDone { buf, result }
+        }
+        IoOp::WriteDirect { file, buf, pieces } => {
+            let data = &files[file as usize];
+            let direct = all
+                .direct_data
+                .as_ref()
+                .filter(|_| file == FileKind::Data && super::direct_aligned(&buf, &pieces));
+            let result = pieces.iter().try_for_each(|p| {
+                let bytes = &buf[p.buf_offset..p.buf_offset + p.len];
+                match direct.map(|file| file.write_all_at(bytes, p.file_offset)) {
+                    // The file system refused this direct write: through the page cache.
+                    Some(Err(err)) if err.raw_os_error() == Some(libc::EINVAL) => {
+                        data.write_all_at(bytes, p.file_offset)
+                    }
+                    Some(result) => result,
+                    None => data.write_all_at(bytes, p.file_offset),
+                }
             });
             IoDone { buf, result }
         }
@@ -157,15 +189,15 @@ impl IoBackend for ThreadsBackend {
     }
 
     fn file_len(&self, file: FileKind) -> io::Result<u64> {
-        Ok(self.files[file as usize].metadata()?.len())
+        Ok(self.files.files[file as usize].metadata()?.len())
     }
 
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
-        self.files[file as usize].set_len(len)
+        self.files.files[file as usize].set_len(len)
     }
 
     fn allocate(&self, file: FileKind, offset: u64, len: u64, keep_size: bool) -> io::Result<()> {
-        super::fallocate(&self.files[file as usize], offset, len, keep_size)
+        super::fallocate(&self.files.files[file as usize], offset, len, keep_size)
     }
 
     fn read_cached(
@@ -174,7 +206,7 @@ impl IoBackend for ThreadsBackend {
         buf: &mut [u8],
         pieces: &[super::Piece],
     ) -> Option<io::Result<()>> {
-        super::read_nowait(&self.files[file as usize], buf, pieces)
+        super::read_nowait(&self.files.files[file as usize], buf, pieces)
     }
 
     fn write_here(
@@ -184,7 +216,7 @@ impl IoBackend for ThreadsBackend {
         pieces: &[super::Piece],
     ) -> Option<io::Result<()>> {
         self.inline_writes
-            .write(&self.files[file as usize], buf, pieces)
+            .write(&self.files.files[file as usize], buf, pieces)
     }
 }
 

@@ -17,6 +17,7 @@ use std::thread;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::threads::Files;
 use super::{Completion, FileKind, IoBackend, IoDone, IoOp, Piece};
 
 /// Submission queue entries of the ring.
@@ -32,7 +33,7 @@ const WAKE_TOKEN: u64 = u64::MAX;
 type Job = (IoOp, Completion);
 
 pub struct UringBackend {
-    files: Arc<[File; super::FILE_COUNT]>,
+    files: Arc<Files>,
     sender: Mutex<Option<mpsc::Sender<Job>>>,
     wake: Arc<File>,
     stopping: Arc<AtomicBool>,
@@ -44,7 +45,8 @@ pub struct UringBackend {
 
 impl UringBackend {
     /// Creates the ring; fails (so the caller can fall back) where the kernel refuses io_uring.
-    pub fn new(files: [File; super::FILE_COUNT]) -> io::Result<Self> {
+    /// `direct`: the data file opened with `O_DIRECT`, if the file system allows it.
+    pub fn new(files: [File; super::FILE_COUNT], direct: Option<File>) -> io::Result<Self> {
         let ring = IoUring::new(URING_ENTRIES)?;
         // Probe with a real no-op: some sandboxes allow io_uring_setup but refuse io_uring_enter.
         let mut ring = probe(ring)?;
@@ -55,7 +57,10 @@ impl UringBackend {
         }
         // SAFETY: `wake_fd` is a freshly created descriptor that nothing else owns.
         let wake = Arc::new(unsafe { File::from_raw_fd(wake_fd) });
-        let files = Arc::new(files);
+        let files = Arc::new(Files {
+            files,
+            direct_data: direct,
+        });
         let (sender, receiver) = mpsc::channel::<Job>();
         let stopping = Arc::new(AtomicBool::new(false));
         let sleeping = Arc::new(AtomicBool::new(false));
@@ -107,6 +112,8 @@ fn probe(mut ring: IoUring) -> io::Result<IoUring> {
 struct InFlight {
     op: OpKind,
     file: FileKind,
+    /// Written through the data file's `O_DIRECT` descriptor (`IoOp::WriteDirect`).
+    direct: bool,
     buf: Vec<u8>,
     pieces: Vec<PieceState>,
     /// Pieces not finished yet.
@@ -137,7 +144,7 @@ fn token(key: usize, piece: usize) -> u64 {
 }
 
 struct RingThread<'a> {
-    files: &'a [File; super::FILE_COUNT],
+    files: &'a Files,
     wake: &'a File,
     receiver: mpsc::Receiver<Job>,
     stopping: &'a AtomicBool,
@@ -157,7 +164,7 @@ struct RingThread<'a> {
 
 impl<'a> RingThread<'a> {
     fn new(
-        files: &'a [File; super::FILE_COUNT],
+        files: &'a Files,
         wake: &'a File,
         receiver: mpsc::Receiver<Job>,
         stopping: &'a AtomicBool,
@@ -338,12 +345,15 @@ impl<'a> RingThread<'a> {
                 })
                 .collect()
         };
+        let mut direct = false;
         let (kind, file, pieces, buf) = match op {
             IoOp::Read { file, offset, buf } => (OpKind::Read, file, whole(offset, buf.len()), buf),
             IoOp::Write { file, offset, buf } => {
                 (OpKind::Write, file, whole(offset, buf.len()), buf)
             }
-            IoOp::ReadMany { buf, pieces, .. } | IoOp::WriteMany { buf, pieces, .. }
+            IoOp::ReadMany { buf, pieces, .. }
+            | IoOp::WriteMany { buf, pieces, .. }
+            | IoOp::WriteDirect { buf, pieces, .. }
                 if !IoOp::pieces_fit(&buf, &pieces) =>
             {
                 self.free_keys.push(key);
@@ -358,6 +368,12 @@ impl<'a> RingThread<'a> {
             }
             IoOp::ReadMany { file, buf, pieces } => (OpKind::Read, file, to_state(pieces), buf),
             IoOp::WriteMany { file, buf, pieces } => (OpKind::Write, file, to_state(pieces), buf),
+            IoOp::WriteDirect { file, buf, pieces } => {
+                direct = file == FileKind::Data
+                    && self.files.direct_data.is_some()
+                    && super::direct_aligned(&buf, &pieces);
+                (OpKind::Write, file, to_state(pieces), buf)
+            }
             IoOp::Sync { file } => (OpKind::Sync, file, Vec::new(), Vec::new()),
         };
         let count = if kind == OpKind::Sync {
@@ -368,6 +384,7 @@ impl<'a> RingThread<'a> {
         self.slab[key] = Some(InFlight {
             op: kind,
             file,
+            direct,
             buf,
             pieces,
             remaining: count,
@@ -393,7 +410,10 @@ impl<'a> RingThread<'a> {
         let Some(req) = self.slab[key].as_mut() else {
             return;
         };
-        let fd = types::Fd(self.files[req.file as usize].as_raw_fd());
+        let fd = match &self.files.direct_data {
+            Some(direct) if req.direct => types::Fd(direct.as_raw_fd()),
+            _ => types::Fd(self.files.files[req.file as usize].as_raw_fd()),
+        };
         let entry: squeue::Entry = match req.op {
             OpKind::Sync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
@@ -432,7 +452,12 @@ impl<'a> RingThread<'a> {
             return;
         };
         if result < 0 {
-            if -result == libc::EINTR || -result == libc::EAGAIN {
+            if -result == libc::EINVAL && req.direct {
+                // The file system refused a direct write: this request goes through the page
+                // cache (its other pieces too, as their refusals come back).
+                req.direct = false;
+                self.push_piece(ring, key, piece);
+            } else if -result == libc::EINTR || -result == libc::EAGAIN {
                 self.push_piece(ring, key, piece);
             } else {
                 self.piece_done(key, Some(io::Error::from_raw_os_error(-result)));
@@ -567,15 +592,15 @@ impl IoBackend for UringBackend {
     }
 
     fn file_len(&self, file: FileKind) -> io::Result<u64> {
-        Ok(self.files[file as usize].metadata()?.len())
+        Ok(self.files.files[file as usize].metadata()?.len())
     }
 
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
-        self.files[file as usize].set_len(len)
+        self.files.files[file as usize].set_len(len)
     }
 
     fn allocate(&self, file: FileKind, offset: u64, len: u64, keep_size: bool) -> io::Result<()> {
-        super::fallocate(&self.files[file as usize], offset, len, keep_size)
+        super::fallocate(&self.files.files[file as usize], offset, len, keep_size)
     }
 
     fn read_cached(
@@ -584,12 +609,12 @@ impl IoBackend for UringBackend {
         buf: &mut [u8],
         pieces: &[Piece],
     ) -> Option<io::Result<()>> {
-        super::read_nowait(&self.files[file as usize], buf, pieces)
+        super::read_nowait(&self.files.files[file as usize], buf, pieces)
     }
 
     fn write_here(&self, file: FileKind, buf: &[u8], pieces: &[Piece]) -> Option<io::Result<()>> {
         self.inline_writes
-            .write(&self.files[file as usize], buf, pieces)
+            .write(&self.files.files[file as usize], buf, pieces)
     }
 }
 
