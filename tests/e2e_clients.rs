@@ -123,8 +123,8 @@ fn fio_large_writes_of_new_blocks_verify_crc32c() {
     grove.create_volume("big", "64MiB");
     let work = grove.root().to_path_buf();
 
-    // 1 MiB sequential writes of new blocks (they go past the page cache), read back by fio
-    // on the same connection: what it reads comes from the disk, not from cached pages.
+    // 1 MiB sequential writes of new blocks (large enough to go past the page cache where
+    // the file system allows it), read back by fio on the same connection.
     let sequential = ["write", "1M", "8", "7"];
     let out = fio_large(
         &work,

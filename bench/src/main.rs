@@ -999,11 +999,9 @@ fn main() -> Result<()> {
     }
 
     // Workload 1 once more on both groves, after every other job, grove without checksums
-    // first. The run's first job is grove's workload 1 (with checksums), right after the four
-    // peers were filled, and it has come out well below grove's without checksums, which a
-    // harness running the two alternately does not reproduce: this tells the place in the run
-    // apart from the checksums. Only the two groves of this row compare: workloads 4b and 4c
-    // have rewritten the volume since workload 1.
+    // first: what checksums cost on random reads, with the two groves in the other order.
+    // Only the two groves of this row compare: workloads 4b and 4c have rewritten the volume
+    // since workload 1.
     let repeat = Job {
         name: "1 again, after the other jobs",
         rw: "randread",

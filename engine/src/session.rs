@@ -717,17 +717,15 @@ impl Session {
         let written = match self.pool.backend.write_here(FileKind::Data, data, &pieces) {
             Some(result) => result,
             None => {
-                // Large writes of new blocks go past the page cache (`io::DIRECT_WRITE_MIN_BYTES`),
-                // from memory aligned for it: the data starts at the first aligned byte of a
-                // buffer one alignment longer.
-                let direct =
-                    data.len() >= io::DIRECT_WRITE_MIN_BYTES && runs.iter().all(|run| run.3);
-                let room = if direct { io::DIRECT_ALIGN } else { 0 };
-                let mut buf = self.pool.read_buffers.take(data.len() + room);
-                let pad = if direct {
-                    (io::DIRECT_ALIGN - buf.as_ptr() as usize % io::DIRECT_ALIGN) % io::DIRECT_ALIGN
+                // Large writes of new blocks, in runs long enough, go past the page cache
+                // (`io::DIRECT_WRITE_MIN_BYTES`), from memory aligned for it.
+                let direct = data.len() >= io::DIRECT_WRITE_MIN_BYTES
+                    && runs.iter().all(|run| run.3)
+                    && data.len() / runs.len().max(1) >= io::DIRECT_RUN_MIN_BYTES;
+                let (mut buf, pad) = if direct {
+                    self.pool.read_buffers.take_aligned(data.len())
                 } else {
-                    0
+                    (self.pool.read_buffers.take(data.len()), 0)
                 };
                 buf[pad..pad + data.len()].copy_from_slice(data);
                 let mut pieces = pieces;

@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 
-use super::{Completion, FileKind, IoBackend, IoDone, IoOp};
+use super::{Completion, FileKind, Files, IoBackend, IoDone, IoOp};
 
 /// Worker threads; enough to keep a queue depth of this many requests in the kernel.
 pub const THREADS_WORKERS: usize = 16;
@@ -23,10 +23,7 @@ pub struct ThreadsBackend {
 impl ThreadsBackend {
     /// `direct`: the data file opened with `O_DIRECT`, if the file system allows it.
     pub fn new(files: [File; super::FILE_COUNT], direct: Option<File>) -> Self {
-        let files = Arc::new(Files {
-            files,
-            direct_data: direct,
-        });
+        let files = Arc::new(Files::new(files, direct));
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
         let workers = (0..THREADS_WORKERS)
@@ -46,12 +43,6 @@ impl ThreadsBackend {
             inline_writes: super::InlineWrites::new(),
         }
     }
-}
-
-/// A pool's files, and its data file opened for direct writes where allowed.
-pub(crate) struct Files {
-    pub files: [File; super::FILE_COUNT],
-    pub direct_data: Option<File>,
 }
 
 fn worker(files: &Files, receiver: &Mutex<mpsc::Receiver<Job>>) {
@@ -118,20 +109,19 @@ pub(crate) fn execute(all: &Files, op: IoOp) -> IoDone {
             IoDone { buf, result }
         }
         IoOp::WriteDirect { file, buf, pieces } => {
-            let data = &files[file as usize];
-            let direct = all
-                .direct_data
-                .as_ref()
-                .filter(|_| file == FileKind::Data && super::direct_aligned(&buf, &pieces));
+            let buffered = all.get(file);
             let result = pieces.iter().try_for_each(|p| {
                 let bytes = &buf[p.buf_offset..p.buf_offset + p.len];
-                match direct.map(|file| file.write_all_at(bytes, p.file_offset)) {
-                    // The file system refused this direct write: through the page cache.
+                let direct = all.direct_for(file, &buf, std::slice::from_ref(p));
+                match direct.map(|direct| direct.write_all_at(bytes, p.file_offset)) {
+                    // The file system refused it: this piece and later ones through the page
+                    // cache (rewriting what a partial direct write wrote is harmless).
                     Some(Err(err)) if err.raw_os_error() == Some(libc::EINVAL) => {
-                        data.write_all_at(bytes, p.file_offset)
+                        all.refuse_direct();
+                        buffered.write_all_at(bytes, p.file_offset)
                     }
                     Some(result) => result,
-                    None => data.write_all_at(bytes, p.file_offset),
+                    None => buffered.write_all_at(bytes, p.file_offset),
                 }
             });
             IoDone { buf, result }
@@ -189,15 +179,15 @@ impl IoBackend for ThreadsBackend {
     }
 
     fn file_len(&self, file: FileKind) -> io::Result<u64> {
-        Ok(self.files.files[file as usize].metadata()?.len())
+        Ok(self.files.get(file).metadata()?.len())
     }
 
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
-        self.files.files[file as usize].set_len(len)
+        self.files.get(file).set_len(len)
     }
 
     fn allocate(&self, file: FileKind, offset: u64, len: u64, keep_size: bool) -> io::Result<()> {
-        super::fallocate(&self.files.files[file as usize], offset, len, keep_size)
+        super::fallocate(self.files.get(file), offset, len, keep_size)
     }
 
     fn read_cached(
@@ -206,7 +196,7 @@ impl IoBackend for ThreadsBackend {
         buf: &mut [u8],
         pieces: &[super::Piece],
     ) -> Option<io::Result<()>> {
-        super::read_nowait(&self.files.files[file as usize], buf, pieces)
+        super::read_nowait(self.files.get(file), buf, pieces)
     }
 
     fn write_here(
@@ -215,8 +205,7 @@ impl IoBackend for ThreadsBackend {
         buf: &[u8],
         pieces: &[super::Piece],
     ) -> Option<io::Result<()>> {
-        self.inline_writes
-            .write(&self.files.files[file as usize], buf, pieces)
+        self.inline_writes.write(self.files.get(file), buf, pieces)
     }
 }
 

@@ -17,8 +17,7 @@ use std::thread;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::threads::Files;
-use super::{Completion, FileKind, IoBackend, IoDone, IoOp, Piece};
+use super::{Completion, FileKind, Files, IoBackend, IoDone, IoOp, Piece};
 
 /// Submission queue entries of the ring.
 pub const URING_ENTRIES: u32 = 256;
@@ -57,10 +56,7 @@ impl UringBackend {
         }
         // SAFETY: `wake_fd` is a freshly created descriptor that nothing else owns.
         let wake = Arc::new(unsafe { File::from_raw_fd(wake_fd) });
-        let files = Arc::new(Files {
-            files,
-            direct_data: direct,
-        });
+        let files = Arc::new(Files::new(files, direct));
         let (sender, receiver) = mpsc::channel::<Job>();
         let stopping = Arc::new(AtomicBool::new(false));
         let sleeping = Arc::new(AtomicBool::new(false));
@@ -112,7 +108,7 @@ fn probe(mut ring: IoUring) -> io::Result<IoUring> {
 struct InFlight {
     op: OpKind,
     file: FileKind,
-    /// Written through the data file's `O_DIRECT` descriptor (`IoOp::WriteDirect`).
+    /// To be written through the data file's `O_DIRECT` descriptor (`IoOp::WriteDirect`).
     direct: bool,
     buf: Vec<u8>,
     pieces: Vec<PieceState>,
@@ -129,6 +125,8 @@ struct PieceState {
     len: usize,
     /// Bytes already transferred; a short transfer is resubmitted for the rest.
     done_bytes: usize,
+    /// Submitted (last) through the `O_DIRECT` descriptor.
+    direct: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -332,6 +330,7 @@ impl<'a> RingThread<'a> {
                 buf_offset: 0,
                 len,
                 done_bytes: 0,
+                direct: false,
             }]
         };
         let to_state = |pieces: Vec<Piece>| -> Vec<PieceState> {
@@ -342,6 +341,7 @@ impl<'a> RingThread<'a> {
                     buf_offset: p.buf_offset,
                     len: p.len,
                     done_bytes: 0,
+                    direct: false,
                 })
                 .collect()
         };
@@ -369,9 +369,7 @@ impl<'a> RingThread<'a> {
             IoOp::ReadMany { file, buf, pieces } => (OpKind::Read, file, to_state(pieces), buf),
             IoOp::WriteMany { file, buf, pieces } => (OpKind::Write, file, to_state(pieces), buf),
             IoOp::WriteDirect { file, buf, pieces } => {
-                direct = file == FileKind::Data
-                    && self.files.direct_data.is_some()
-                    && super::direct_aligned(&buf, &pieces);
+                direct = self.files.direct_for(file, &buf, &pieces).is_some();
                 (OpKind::Write, file, to_state(pieces), buf)
             }
             IoOp::Sync { file } => (OpKind::Sync, file, Vec::new(), Vec::new()),
@@ -410,10 +408,14 @@ impl<'a> RingThread<'a> {
         let Some(req) = self.slab[key].as_mut() else {
             return;
         };
-        let fd = match &self.files.direct_data {
-            Some(direct) if req.direct => types::Fd(direct.as_raw_fd()),
-            _ => types::Fd(self.files.files[req.file as usize].as_raw_fd()),
+        let direct = match &self.files.direct_data {
+            Some(file) if req.direct && !self.files.direct_refused() => Some(file),
+            _ => None,
         };
+        if let Some(p) = req.pieces.get_mut(piece) {
+            p.direct = direct.is_some();
+        }
+        let fd = types::Fd(direct.unwrap_or(self.files.get(req.file)).as_raw_fd());
         let entry: squeue::Entry = match req.op {
             OpKind::Sync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
@@ -452,10 +454,10 @@ impl<'a> RingThread<'a> {
             return;
         };
         if result < 0 {
-            if -result == libc::EINVAL && req.direct {
-                // The file system refused a direct write: this request goes through the page
-                // cache (its other pieces too, as their refusals come back).
-                req.direct = false;
+            if -result == libc::EINVAL && req.pieces.get(piece).is_some_and(|p| p.direct) {
+                // The file system refused a direct write: this piece, and every piece sent
+                // from now on, goes through the page cache.
+                self.files.refuse_direct();
                 self.push_piece(ring, key, piece);
             } else if -result == libc::EINTR || -result == libc::EAGAIN {
                 self.push_piece(ring, key, piece);
@@ -592,15 +594,15 @@ impl IoBackend for UringBackend {
     }
 
     fn file_len(&self, file: FileKind) -> io::Result<u64> {
-        Ok(self.files.files[file as usize].metadata()?.len())
+        Ok(self.files.get(file).metadata()?.len())
     }
 
     fn set_len(&self, file: FileKind, len: u64) -> io::Result<()> {
-        self.files.files[file as usize].set_len(len)
+        self.files.get(file).set_len(len)
     }
 
     fn allocate(&self, file: FileKind, offset: u64, len: u64, keep_size: bool) -> io::Result<()> {
-        super::fallocate(&self.files.files[file as usize], offset, len, keep_size)
+        super::fallocate(self.files.get(file), offset, len, keep_size)
     }
 
     fn read_cached(
@@ -609,12 +611,11 @@ impl IoBackend for UringBackend {
         buf: &mut [u8],
         pieces: &[Piece],
     ) -> Option<io::Result<()>> {
-        super::read_nowait(&self.files.files[file as usize], buf, pieces)
+        super::read_nowait(self.files.get(file), buf, pieces)
     }
 
     fn write_here(&self, file: FileKind, buf: &[u8], pieces: &[Piece]) -> Option<io::Result<()>> {
-        self.inline_writes
-            .write(&self.files.files[file as usize], buf, pieces)
+        self.inline_writes.write(self.files.get(file), buf, pieces)
     }
 }
 
