@@ -185,6 +185,11 @@ pub(crate) fn direct_aligned(buf: &[u8], pieces: &[Piece]) -> bool {
         })
 }
 
+/// The error of an operation with a piece outside its buffer (refused, never executed).
+pub(crate) fn piece_outside_buffer() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "piece outside its buffer")
+}
+
 impl IoOp {
     /// Checks that every piece lies inside the buffer; backends rely on it.
     pub fn pieces_fit(buf: &[u8], pieces: &[Piece]) -> bool {
@@ -312,10 +317,7 @@ impl InlineWrites {
     ) -> Option<io::Result<()>> {
         use std::os::unix::fs::FileExt;
         if !IoOp::pieces_fit(buf, pieces) {
-            return Some(Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "piece outside its buffer",
-            )));
+            return Some(Err(piece_outside_buffer()));
         }
         if buf.len() > INLINE_WRITE_MAX_BYTES
             || self.paused()
@@ -360,10 +362,7 @@ pub(crate) fn read_nowait(
 ) -> Option<io::Result<()>> {
     use std::os::fd::AsRawFd;
     if !IoOp::pieces_fit(buf, pieces) {
-        return Some(Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "piece outside its buffer",
-        )));
+        return Some(Err(piece_outside_buffer()));
     }
     for p in pieces {
         let iov = libc::iovec {

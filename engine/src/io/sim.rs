@@ -241,10 +241,7 @@ impl IoBackend for SimBackend {
                 {
                     IoDone {
                         buf,
-                        result: Err(io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            "piece outside its buffer",
-                        )),
+                        result: Err(super::piece_outside_buffer()),
                     }
                 }
                 IoOp::ReadMany {

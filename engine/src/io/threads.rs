@@ -80,7 +80,7 @@ pub(crate) fn execute(all: &Files, op: IoOp) -> IoDone {
         | IoOp::WriteDirect { buf, pieces, .. }
             if !IoOp::pieces_fit(&buf, &pieces) =>
         {
-            let err = io::Error::new(io::ErrorKind::InvalidInput, "piece outside its buffer");
+            let err = super::piece_outside_buffer();
             IoDone {
                 buf,
                 result: Err(err),

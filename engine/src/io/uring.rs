@@ -359,10 +359,7 @@ impl<'a> RingThread<'a> {
                 self.free_keys.push(key);
                 completion(IoDone {
                     buf,
-                    result: Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "piece outside its buffer",
-                    )),
+                    result: Err(super::piece_outside_buffer()),
                 });
                 return;
             }
