@@ -21,6 +21,32 @@ pub const EXTENT_BLOCKS_MAX: u64 = u32::MAX as u64;
 /// a file offset (`off_t`). A map pointing further is corrupt.
 pub const DATA_BLOCKS_MAX: u64 = i64::MAX as u64 / crate::types::BLOCK_SIZE;
 
+/// `prev` extended by `next` where `next` continues it exactly: same generation, adjacent
+/// blocks, adjacent targets, and the sum still fits an entry.
+fn merged(prev: &Extent, next: &Extent) -> Option<Extent> {
+    let continues = match (prev.target, next.target) {
+        (Target::Data(p), Target::Data(q)) => p + prev.len == q,
+        (Target::Zero, Target::Zero) => true,
+        _ => false,
+    };
+    (prev.end() == next.lblock
+        && prev.birth == next.birth
+        && continues
+        && prev.len + next.len <= EXTENT_BLOCKS_MAX)
+        .then_some(Extent {
+            len: prev.len + next.len,
+            ..*prev
+        })
+}
+
+/// A node found to be another kind than on the descent a moment before.
+fn changed_under_us(page: u64) -> Error {
+    Error::corrupt(
+        "extent-map node changed under a write",
+        format!("meta page {page}"),
+    )
+}
+
 /// Index of the child whose key range holds `key`.
 fn route(children: &[Child], key: u64) -> usize {
     children.partition_point(|c| c.key <= key).saturating_sub(1)
@@ -67,6 +93,7 @@ fn first_from(extents: &[Extent], start: usize, key: u64) -> usize {
 
 /// A leaf and the key range `[lo, hi)` its extents' starts fall in.
 struct RoutedLeaf {
+    page: u64,
     node: Arc<Node>,
     lo: u64,
     hi: u64,
@@ -107,7 +134,7 @@ impl LeafCursor {
         Ok((leaf, first_from(leaf.extents(), start, key)))
     }
 
-    /// Extents overlapping `[from, to)`, clipped to it, in order: `MapReader::lookup`'s answer.
+    /// Extents overlapping `[from, to)`, clipped to it, in order: one descent per leaf.
     pub fn lookup(&mut self, reader: &mut MapReader, from: u64, to: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
         if self.root == 0 || from >= to {
@@ -159,6 +186,14 @@ impl MapReader<'_> {
 
     /// Extents overlapping `[from, to)`, clipped to it, in order.
     pub fn lookup(&mut self, root: u64, from: u64, to: u64) -> Result<Vec<Extent>> {
+        // Usually one descent to the leaf holding the range.
+        LeafCursor::new(root).lookup(self, from, to)
+    }
+
+    /// `lookup` by a descent for the extent before `from` and one for those after it: the
+    /// plain answer the cursor's is checked against.
+    #[cfg(test)]
+    fn lookup_by_descents(&mut self, root: u64, from: u64, to: u64) -> Result<Vec<Extent>> {
         let mut out = Vec::new();
         if root == 0 || from >= to {
             return Ok(out);
@@ -176,12 +211,23 @@ impl MapReader<'_> {
 
     /// The leaf `key` routes to, with the key range its ancestors give it.
     fn routed_leaf(&mut self, root: u64, key: u64) -> Result<RoutedLeaf> {
+        self.routed_leaf_via(root, key, |_, _| {})
+    }
+
+    /// `routed_leaf`, telling `visit` each internal node passed on the way (its page and the
+    /// index of the child taken), from the root down.
+    fn routed_leaf_via(
+        &mut self,
+        root: u64,
+        key: u64,
+        mut visit: impl FnMut(u64, usize),
+    ) -> Result<RoutedLeaf> {
         let (mut page, mut lo, mut hi, mut level) = (root, 0, u64::MAX, None);
         loop {
             let node = self.store.get(page)?;
             check_level(&node, level, page)?;
             let Body::Internal(children) = &node.body else {
-                return Ok(RoutedLeaf { node, lo, hi });
+                return Ok(RoutedLeaf { page, node, lo, hi });
             };
             if children.is_empty() {
                 return Err(Error::corrupt(
@@ -196,6 +242,7 @@ impl MapReader<'_> {
             if let Some(next) = children.get(idx + 1) {
                 hi = next.key;
             }
+            visit(page, idx);
             page = children[idx].page;
             level = Some(node.level - 1);
         }
@@ -455,6 +502,21 @@ impl MapWriter<'_> {
         to: u64,
         target: Option<Target>,
     ) -> Result<(u64, Vec<Extent>)> {
+        match self.replace_in_leaf(root, from, to, target)? {
+            Some(done) => Ok(done),
+            None => self.replace_across_leaves(root, from, to, target),
+        }
+    }
+
+    /// `replace` anywhere: each extent the range cuts is trimmed or deleted, then the new
+    /// one inserted, each a descent of its own.
+    fn replace_across_leaves(
+        &mut self,
+        root: u64,
+        from: u64,
+        to: u64,
+        target: Option<Target>,
+    ) -> Result<(u64, Vec<Extent>)> {
         let mut root = root;
         let overlapping = self.reader().lookup_raw(root, from, to)?;
         let mut removed = Vec::with_capacity(overlapping.len());
@@ -499,59 +561,178 @@ impl MapWriter<'_> {
         Ok((root, removed))
     }
 
-    /// Inserts `e`, extending its left neighbour instead when it continues it exactly.
-    fn insert_merging(&mut self, root: u64, e: Extent) -> Result<u64> {
-        if root != 0 && e.lblock > 0 {
-            if let Some(prev) = self.reader().floor(root, e.lblock - 1)? {
-                let continues = match (prev.target, e.target) {
-                    (Target::Data(p), Target::Data(q)) => p + prev.len == q,
-                    (Target::Zero, Target::Zero) => true,
-                    _ => false,
+    /// `replace` where all it reads and changes lies in the leaf `from` routes to, which is
+    /// nearly always: one descent, then that leaf changes, and of the nodes above it only
+    /// those whose entry for it changes (a new page, a newer birth, a split). Nodes born in
+    /// this generation change where they are. `None`, with nothing changed, elsewhere.
+    fn replace_in_leaf(
+        &mut self,
+        root: u64,
+        from: u64,
+        to: u64,
+        target: Option<Target>,
+    ) -> Result<Option<(u64, Vec<Extent>)>> {
+        if root == 0 || from >= to || to - from > EXTENT_BLOCKS_MAX {
+            return Ok(None);
+        }
+        let mut path: Vec<(u64, usize)> = Vec::with_capacity(TREE_HEIGHT_MAX as usize);
+        let leaf = self
+            .reader()
+            .routed_leaf_via(root, from, |page, idx| path.push((page, idx)))?;
+        let extents = leaf.extents();
+        let start = extents.partition_point(|e| e.lblock < from);
+        let end = start + extents[start..].partition_point(|e| e.lblock < to);
+        // The extent before `from` may reach into the range or be continued by it: it must
+        // be here, unless there is none at all.
+        if start == 0 && leaf.lo > 0 {
+            return Ok(None);
+        }
+        let lead = match start.checked_sub(1) {
+            Some(i) if extents[i].end() > from => i,
+            _ => start,
+        };
+        let overlapping = &extents[lead..end];
+        // What is left past `to` of an extent reaching beyond it starts at `to`, which must
+        // route here too.
+        let tail = overlapping
+            .last()
+            .filter(|e| e.end() > to)
+            .map(|e| e.clip(to, e.end()));
+        if to > leaf.hi || (tail.is_some() && to == leaf.hi) {
+            return Ok(None);
+        }
+        let removed: Vec<Extent> = overlapping.iter().map(|e| e.clip(from, to)).collect();
+        // `extents[first..end]` become `replacement`.
+        let mut first = lead;
+        let mut replacement = Vec::with_capacity(3);
+        replacement.extend(
+            overlapping
+                .first()
+                .filter(|e| e.lblock < from)
+                .map(|e| Extent {
+                    len: from - e.lblock,
+                    ..*e
+                }),
+        );
+        if let Some(target) = target {
+            let new = Extent {
+                lblock: from,
+                len: to - from,
+                target,
+                birth: self.store.gen,
+            };
+            // The extent ending at `from`, if any: the head of one the range cuts, or the one
+            // before the range.
+            let prev = match replacement.last() {
+                Some(head) => Some(*head),
+                None => start.checked_sub(1).map(|i| extents[i]),
+            };
+            match prev.and_then(|prev| merged(&prev, &new)) {
+                Some(longer) => {
+                    if replacement.pop().is_none() {
+                        first -= 1;
+                    }
+                    replacement.push(longer);
+                }
+                None => replacement.push(new),
+            }
+        }
+        replacement.extend(tail);
+        if extents.len() - (end - first) + replacement.len() == 0 {
+            // An emptied leaf leaves its parent: the general path does that.
+            return Ok(None);
+        }
+        let leaf_page = leaf.page;
+        // The cache's reference is then the only one: the leaf changes without a copy.
+        drop(leaf);
+        let (mut page, changed) = self.change(leaf_page, |node| {
+            let Body::Leaf(extents) = &mut node.body else {
+                return None;
+            };
+            extents.splice(first..end, replacement);
+            let right =
+                (extents.len() > LEAF_CAPACITY).then(|| extents.split_off(extents.len() / 2));
+            Some((node.max_birth(), right))
+        })?;
+        let (mut max_birth, right) = changed.ok_or_else(|| changed_under_us(leaf_page))?;
+        let mut split = match right {
+            Some(right) => self.store_split(0, right[0].lblock, Body::Leaf(right))?,
+            None => None,
+        };
+        for (parent, idx) in path.into_iter().rev() {
+            let node = self.store.get(parent)?;
+            let Some(&entry) = (match &node.body {
+                Body::Internal(children) => children.get(idx),
+                Body::Leaf(_) => None,
+            }) else {
+                return Err(changed_under_us(parent));
+            };
+            if split.is_none() && entry.page == page && entry.max_birth == max_birth {
+                // Nothing above changes.
+                return Ok(Some((root, removed)));
+            }
+            let level = node.level;
+            drop(node);
+            let changed;
+            (page, changed) = self.change(parent, |node| {
+                let Body::Internal(children) = &mut node.body else {
+                    return None;
                 };
-                if prev.end() == e.lblock
-                    && prev.birth == e.birth
-                    && continues
-                    && prev.len + e.len <= EXTENT_BLOCKS_MAX
-                {
-                    return self.insert(
-                        root,
-                        Extent {
-                            len: prev.len + e.len,
-                            ..prev
+                children[idx].page = page;
+                children[idx].max_birth = max_birth;
+                if let Some((key, right, right_max)) = split {
+                    children.insert(
+                        idx + 1,
+                        Child {
+                            key,
+                            page: right,
+                            max_birth: right_max,
                         },
                     );
                 }
-            }
-        }
-        self.insert(root, e)
-    }
-
-    /// Copy-on-write access to a node: its (possibly new) page and a mutable copy.
-    fn cow(&mut self, page: u64) -> Result<(u64, Node)> {
-        let node = self.store.get(page)?;
-        if node.birth == self.store.gen {
-            return Ok((page, (*node).clone()));
-        }
-        let new_page = self.store.alloc_page();
-        self.store.release(page, node.birth, self.exclusive_since);
-        let mut copy = (*node).clone();
-        copy.birth = self.store.gen;
-        Ok((new_page, copy))
-    }
-
-    /// Inserts or replaces the entry with key `e.lblock`.
-    pub fn insert(&mut self, root: u64, e: Extent) -> Result<u64> {
-        if root == 0 {
-            let page = self.store.alloc_page();
-            let node = Node {
-                birth: self.store.gen,
-                level: 0,
-                body: Body::Leaf(vec![e]),
+                let right = (children.len() > INTERNAL_CAPACITY)
+                    .then(|| children.split_off(children.len() / 2));
+                Some((node.max_birth(), right))
+            })?;
+            let right;
+            (max_birth, right) = changed.ok_or_else(|| changed_under_us(parent))?;
+            split = match right {
+                Some(right) => self.store_split(level, right[0].key, Body::Internal(right))?,
+                None => None,
             };
-            self.store.put(page, node)?;
-            return Ok(page);
         }
-        let (page, max_birth, split) = self.insert_at(root, e)?;
+        Ok(Some((self.grow(page, max_birth, split)?, removed)))
+    }
+
+    /// Changes the node at `page` for the current generation: where it is when born in it,
+    /// else in a copy on a new page, the old one released. Returns the node's page and what
+    /// `f` returned.
+    fn change<R>(&mut self, page: u64, f: impl FnOnce(&mut Node) -> R) -> Result<(u64, R)> {
+        if self.store.get(page)?.birth == self.store.gen {
+            return Ok((page, self.store.modify(page, f)?));
+        }
+        let (page, mut copy) = self.cow(page)?;
+        let out = f(&mut copy);
+        self.store.put(page, copy)?;
+        Ok((page, out))
+    }
+
+    /// Stores a node split off to the right of one at `level`, its first key `key`.
+    fn store_split(&mut self, level: u8, key: u64, body: Body) -> Result<Split> {
+        let right = Node {
+            birth: self.store.gen,
+            level,
+            body,
+        };
+        let page = self.store.alloc_page();
+        let max_birth = right.max_birth();
+        self.store.put(page, right)?;
+        Ok(Some((key, page, max_birth)))
+    }
+
+    /// The root over the node at `page` once a change is done: that node, or a new one over
+    /// it and the node split off it.
+    fn grow(&mut self, page: u64, max_birth: u64, split: Split) -> Result<u64> {
         let Some((key, right, right_max)) = split else {
             return Ok(page);
         };
@@ -584,6 +765,47 @@ impl MapWriter<'_> {
             },
         )?;
         Ok(new_root)
+    }
+
+    /// Inserts `e`, extending its left neighbour instead when it continues it exactly.
+    fn insert_merging(&mut self, root: u64, e: Extent) -> Result<u64> {
+        if root != 0 && e.lblock > 0 {
+            if let Some(prev) = self.reader().floor(root, e.lblock - 1)? {
+                if let Some(merged) = merged(&prev, &e) {
+                    return self.insert(root, merged);
+                }
+            }
+        }
+        self.insert(root, e)
+    }
+
+    /// Copy-on-write access to a node: its (possibly new) page and a mutable copy.
+    fn cow(&mut self, page: u64) -> Result<(u64, Node)> {
+        let node = self.store.get(page)?;
+        if node.birth == self.store.gen {
+            return Ok((page, (*node).clone()));
+        }
+        let new_page = self.store.alloc_page();
+        self.store.release(page, node.birth, self.exclusive_since);
+        let mut copy = (*node).clone();
+        copy.birth = self.store.gen;
+        Ok((new_page, copy))
+    }
+
+    /// Inserts or replaces the entry with key `e.lblock`.
+    pub fn insert(&mut self, root: u64, e: Extent) -> Result<u64> {
+        if root == 0 {
+            let page = self.store.alloc_page();
+            let node = Node {
+                birth: self.store.gen,
+                level: 0,
+                body: Body::Leaf(vec![e]),
+            };
+            self.store.put(page, node)?;
+            return Ok(page);
+        }
+        let (page, max_birth, split) = self.insert_at(root, e)?;
+        self.grow(page, max_birth, split)
     }
 
     fn insert_at(&mut self, page: u64, e: Extent) -> Result<(u64, u64, Split)> {
@@ -625,17 +847,7 @@ impl MapWriter<'_> {
             }
         };
         let split = match split {
-            Some((key, body)) => {
-                let right = Node {
-                    birth: self.store.gen,
-                    level: node.level,
-                    body,
-                };
-                let right_page = self.store.alloc_page();
-                let right_max = right.max_birth();
-                self.store.put(right_page, right)?;
-                Some((key, right_page, right_max))
-            }
+            Some((key, body)) => self.store_split(node.level, key, body)?,
             None => None,
         };
         let max_birth = node.max_birth();
@@ -822,13 +1034,192 @@ mod tests {
                 let (from, to) = (at + gap, at + gap + len);
                 prop_assert_eq!(
                     cursor.lookup(&mut reader, from, to).unwrap(),
-                    reader.lookup(root, from, to).unwrap(),
+                    reader.lookup_by_descents(root, from, to).unwrap(),
                     "query [{}, {})", from, to
                 );
                 // Mostly ascending, as the cursor is used; now and then back, which it allows.
                 at = if back { from / 2 } else { to };
             }
         }
+    }
+
+    /// Checks the tree's shape below `page`, whose keys the parents route to `[lo, hi)`:
+    /// levels, sizes, order, and every parent's bound on its child's newest birth. Returns
+    /// the subtree's newest birth.
+    fn check_tree(store: &mut MetaStore, page: u64, lo: u64, hi: u64, level: Option<u8>) -> u64 {
+        let node = store.get(page).unwrap();
+        check_level(&node, level, page).unwrap();
+        match &node.body {
+            Body::Leaf(extents) => {
+                assert!(!extents.is_empty() && extents.len() <= LEAF_CAPACITY);
+                for pair in extents.windows(2) {
+                    assert!(pair[0].end() <= pair[1].lblock, "{pair:?} overlap");
+                }
+                assert!(extents.iter().all(|e| lo <= e.lblock && e.lblock < hi));
+            }
+            Body::Internal(children) => {
+                assert!(!children.is_empty() && children.len() <= INTERNAL_CAPACITY);
+                for (i, child) in children.iter().enumerate() {
+                    let child_lo = if i == 0 { lo } else { child.key };
+                    let child_hi = children.get(i + 1).map_or(hi, |next| next.key);
+                    assert!(lo <= child_lo && child_lo < child_hi && child_hi <= hi);
+                    let newest =
+                        check_tree(store, child.page, child_lo, child_hi, Some(node.level - 1));
+                    assert!(child.max_birth >= newest, "page {page} child {i}");
+                }
+            }
+        }
+        node.max_birth()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn changes_within_a_leaf_match_the_general_path(
+            ops in prop::collection::vec(
+                (0u64..100_000, 1u64..64, 0u8..6, 0u64..1_000_000),
+                1..3000,
+            ),
+            cache in prop::sample::select(vec![64usize, 4096]),
+        ) {
+            let (mut quick, mut general) = (store(cache), store(cache));
+            let (mut quick_root, mut general_root, mut in_leaf) = (0, 0, 0);
+            let mut next_phys = 0;
+            for (i, (from, len, kind, phys)) in ops.iter().copied().enumerate() {
+                // Mostly writes of new blocks, allocated in order as the pool does, so that
+                // neighbours merge; some anywhere, some zeroes, some trims.
+                let target = match kind {
+                    0 => None,
+                    1 => Some(Target::Zero),
+                    2 => Some(Target::Data(phys)),
+                    _ => {
+                        next_phys += len;
+                        Some(Target::Data(next_phys - len))
+                    }
+                };
+                let (to, exclusive_since) = (from + len, (i as u64 / 500) * 2);
+                let mut w = MapWriter { store: &mut quick, exclusive_since };
+                let in_one = w.replace_in_leaf(quick_root, from, to, target).unwrap();
+                let (root, removed) = match in_one {
+                    Some(done) => {
+                        in_leaf += 1;
+                        done
+                    }
+                    None => w.replace_across_leaves(quick_root, from, to, target).unwrap(),
+                };
+                quick_root = root;
+                let mut w = MapWriter { store: &mut general, exclusive_since };
+                let (root, general_removed) =
+                    w.replace_across_leaves(general_root, from, to, target).unwrap();
+                general_root = root;
+                prop_assert_eq!(removed, general_removed, "replace [{}, {})", from, to);
+                if i % 251 == 0 {
+                    // A commit: later changes copy on write.
+                    for store in [&mut quick, &mut general] {
+                        store.write_dirty().unwrap();
+                        store.gen += 1;
+                    }
+                }
+            }
+            // Most take the quick path (a map's first change never does).
+            prop_assert!(
+                ops.len() < 100 || in_leaf * 4 >= ops.len() * 3,
+                "{} of {} within a leaf",
+                in_leaf,
+                ops.len()
+            );
+            let span = 200_000;
+            let quick_extents =
+                MapReader { store: &mut quick }.lookup_raw(quick_root, 0, span).unwrap();
+            let general_extents =
+                MapReader { store: &mut general }.lookup_raw(general_root, 0, span).unwrap();
+            prop_assert_eq!(quick_extents, general_extents);
+            if quick_root != 0 {
+                check_tree(&mut quick, quick_root, 0, u64::MAX, None);
+            }
+        }
+    }
+
+    #[test]
+    fn changes_within_a_leaf_split_internal_nodes_like_the_general_path() {
+        // Enough extents that cannot merge for three levels, in scattered order, with commits
+        // between so that some paths are copied and some changed where they are.
+        let (mut quick, mut general) = (store(4096), store(4096));
+        let (mut quick_root, mut general_root) = (0, 0);
+        for i in 0..40_000u64 {
+            let at = (i * 7919) % 40_000 * 2;
+            let target = Some(Target::Data(1_000_000 - i));
+            let mut w = MapWriter {
+                store: &mut quick,
+                exclusive_since: 0,
+            };
+            quick_root = w.replace(quick_root, at, at + 1, target).unwrap().0;
+            let mut w = MapWriter {
+                store: &mut general,
+                exclusive_since: 0,
+            };
+            general_root = w
+                .replace_across_leaves(general_root, at, at + 1, target)
+                .unwrap()
+                .0;
+            if i % 9_000 == 0 {
+                for store in [&mut quick, &mut general] {
+                    store.write_dirty().unwrap();
+                    store.gen += 1;
+                }
+            }
+        }
+        assert_eq!(
+            MapReader { store: &mut quick }.height(quick_root).unwrap(),
+            3
+        );
+        let quick_extents = MapReader { store: &mut quick }
+            .lookup_raw(quick_root, 0, 80_000)
+            .unwrap();
+        let general_extents = MapReader {
+            store: &mut general,
+        }
+        .lookup_raw(general_root, 0, 80_000)
+        .unwrap();
+        assert_eq!(quick_extents.len(), 40_000);
+        assert_eq!(quick_extents, general_extents);
+        check_tree(&mut quick, quick_root, 0, u64::MAX, None);
+    }
+
+    #[test]
+    fn a_remainder_starting_at_a_leafs_bound_goes_to_the_next_leaf() {
+        let mut store = store(4096);
+        let mut w = MapWriter {
+            store: &mut store,
+            exclusive_since: 0,
+        };
+        let mut root = 0;
+        for i in 0..200u64 {
+            let target = Some(Target::Data(10_000 - i * 10));
+            root = w.replace(root, i * 2, i * 2 + 1, target).unwrap().0;
+        }
+        let bound = match &w.store.get(root).unwrap().body {
+            Body::Internal(children) => children[1].key,
+            Body::Leaf(_) => panic!("200 extents fill more than one leaf"),
+        };
+        // An extent of the left leaf reaching past the bound (the right leaf's first extents
+        // replaced by it), then cut so that what is left of it starts at the bound.
+        root = w
+            .replace(root, bound - 5, bound + 7, Some(Target::Data(50_000)))
+            .unwrap()
+            .0;
+        root = w.replace(root, bound - 2, bound, None).unwrap().0;
+        check_tree(w.store, root, 0, u64::MAX, None);
+        let mut reader = MapReader { store: w.store };
+        assert_eq!(
+            reader.lookup(root, bound, bound + 7).unwrap(),
+            vec![Extent {
+                lblock: bound,
+                len: 7,
+                target: Target::Data(50_005),
+                birth: 1,
+            }]
+        );
     }
 
     #[test]

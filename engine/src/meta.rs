@@ -398,6 +398,25 @@ impl MetaStore {
         )
     }
 
+    /// Changes a node born in the current generation where it is and marks it dirty. It is
+    /// copied only when something else still holds it (`Arc::make_mut`).
+    pub fn modify<R>(&mut self, page: u64, f: impl FnOnce(&mut Node) -> R) -> Result<R> {
+        if let Some(cached) = self.cache.get_mut(&page) {
+            debug_assert_eq!(cached.node.birth, self.gen);
+            let out = f(Arc::make_mut(&mut cached.node));
+            if !cached.dirty {
+                cached.dirty = true;
+                self.dirty.insert(page);
+            }
+            return Ok(out);
+        }
+        // Evicted, or pinned after a failed write: changed in a copy put back in the cache.
+        let mut node = (*self.get(page)?).clone();
+        let out = f(&mut node);
+        self.put(page, node)?;
+        Ok(out)
+    }
+
     fn insert(&mut self, page: u64, cached: Cached) -> Result<()> {
         self.pinned.remove(&page);
         if let Some((evicted, old)) = self.cache.push(page, cached) {
