@@ -5,12 +5,21 @@
 //! Space freed while running becomes reusable only after the next durable sync (until then the
 //! durable state may still reference it) and after every I/O that could still touch it ended.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Requests of this many units or more are placed whole where they can be: in the smallest free
+/// run that holds them, else the largest free run of at least this many, else past the end,
+/// rather than in the first free run whatever its size. Scattered frees leave runs of a unit
+/// or two: a large write given those would go out as that many small writes. Smaller requests
+/// take the first free run, which is how such fragments are used up. (Data blocks: 64 KiB.)
+pub const CONTIGUOUS_MIN: u64 = 16;
 
 #[derive(Debug, Default, Clone)]
 pub struct SpaceAllocator {
     /// Free runs inside `[first, end)`: start -> length.
     free: BTreeMap<u64, u64>,
+    /// The same runs by size: (length, start).
+    by_size: BTreeSet<(u64, u64)>,
     /// Units below `first` are reserved (file headers).
     first: u64,
     /// Every unit at or above `end` is free and has never been used.
@@ -24,6 +33,7 @@ impl SpaceAllocator {
     pub fn new(first: u64) -> Self {
         SpaceAllocator {
             free: BTreeMap::new(),
+            by_size: BTreeSet::new(),
             first,
             end: first,
             used: 0,
@@ -37,7 +47,7 @@ impl SpaceAllocator {
         let mut next = first;
         for unit in used.iter().filter(|&u| u >= first) {
             if unit > next {
-                alloc.free.insert(next, unit - next);
+                alloc.insert_run(next, unit - next);
             }
             next = unit + 1;
             alloc.used += 1;
@@ -59,24 +69,67 @@ impl SpaceAllocator {
         self.end
     }
 
-    /// Takes a run of at most `want` units (at least one), reusing freed space first.
+    /// Takes a run of at most `want` units (at least one), reusing freed space first; a
+    /// request of `CONTIGUOUS_MIN` units or more whole where it can be (see there).
     pub fn alloc(&mut self, want: u64) -> (u64, u64) {
         debug_assert!(want > 0);
-        if let Some((&start, &len)) = self.free.iter().next() {
-            self.free.remove(&start);
-            let take = len.min(want);
-            if take < len {
-                self.free.insert(start + take, len - take);
-            }
-            self.used += take;
-            self.track(start, take);
-            return (start, take);
+        if want < CONTIGUOUS_MIN {
+            return self.alloc_first_fit(want);
         }
+        let fits = self.by_size.range((want, 0)..).next();
+        let largest = self
+            .by_size
+            .last()
+            .filter(|&&(len, _)| len >= CONTIGUOUS_MIN);
+        match fits.or(largest).copied() {
+            Some((len, start)) => self.take(start, len, want),
+            None => self.take_end(want),
+        }
+    }
+
+    /// Takes a run of at most `want` units (at least one) from the first free run, whatever
+    /// its size: for when the file cannot grow.
+    pub fn alloc_first_fit(&mut self, want: u64) -> (u64, u64) {
+        debug_assert!(want > 0);
+        match self
+            .free
+            .first_key_value()
+            .map(|(&start, &len)| (start, len))
+        {
+            Some((start, len)) => self.take(start, len, want),
+            None => self.take_end(want),
+        }
+    }
+
+    /// Takes at most `want` units from the start of the free run `start`, `len` long.
+    fn take(&mut self, start: u64, len: u64, want: u64) -> (u64, u64) {
+        self.remove_run(start, len);
+        let take = len.min(want);
+        if take < len {
+            self.insert_run(start + take, len - take);
+        }
+        self.used += take;
+        self.track(start, take);
+        (start, take)
+    }
+
+    /// Takes `want` units past the end.
+    fn take_end(&mut self, want: u64) -> (u64, u64) {
         let start = self.end;
         self.end += want;
         self.used += want;
         self.track(start, want);
         (start, want)
+    }
+
+    fn insert_run(&mut self, start: u64, len: u64) {
+        self.free.insert(start, len);
+        self.by_size.insert((len, start));
+    }
+
+    fn remove_run(&mut self, start: u64, len: u64) {
+        self.free.remove(&start);
+        self.by_size.remove(&(len, start));
     }
 
     fn track(&mut self, start: u64, len: u64) {
@@ -109,30 +162,14 @@ impl SpaceAllocator {
         used
     }
 
-    /// Takes `n` contiguous units.
+    /// Takes `n` contiguous units: from the smallest free run that holds them, else past the
+    /// end.
     pub fn alloc_contiguous(&mut self, n: u64) -> u64 {
-        let found = self
-            .free
-            .iter()
-            .find(|(_, &len)| len >= n)
-            .map(|(&s, &l)| (s, l));
-        self.used += n;
-        let start = match found {
-            Some((start, len)) => {
-                self.free.remove(&start);
-                if len > n {
-                    self.free.insert(start + n, len - n);
-                }
-                start
-            }
-            None => {
-                let start = self.end;
-                self.end += n;
-                start
-            }
-        };
-        self.track(start, n);
-        start
+        debug_assert!(n > 0);
+        match self.by_size.range((n, 0)..).next().copied() {
+            Some((len, start)) => self.take(start, len, n).0,
+            None => self.take_end(n).0,
+        }
     }
 
     /// Returns a run; neighbouring free runs are merged.
@@ -144,19 +181,19 @@ impl SpaceAllocator {
         self.used -= len;
         if let Some((&prev, &prev_len)) = self.free.range(..start).next_back() {
             if prev + prev_len == start {
-                self.free.remove(&prev);
+                self.remove_run(prev, prev_len);
                 start = prev;
                 len += prev_len;
             }
         }
         if let Some(&next_len) = self.free.get(&(start + len)) {
-            self.free.remove(&(start + len));
+            self.remove_run(start + len, next_len);
             len += next_len;
         }
         if start + len == self.end {
             self.end = start;
         } else {
-            self.free.insert(start, len);
+            self.insert_run(start, len);
         }
     }
 }
@@ -164,6 +201,124 @@ impl SpaceAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// An allocator whose free runs are `runs` (start, len), with used units between them.
+    fn with_free_runs(runs: &[(u64, u64)], end: u64) -> SpaceAllocator {
+        let mut used = roaring::RoaringTreemap::new();
+        used.insert_range(1..end);
+        for &(start, len) in runs {
+            used.remove_range(start..start + len);
+        }
+        SpaceAllocator::from_used(1, &used)
+    }
+
+    /// The free runs are separate (never touching), below `end`, the size index holds exactly
+    /// them, and the counts add up.
+    fn check(a: &SpaceAllocator) {
+        let mut last_end = None;
+        for (&start, &len) in &a.free {
+            assert!(len > 0 && start >= a.first);
+            assert!(
+                last_end.is_none_or(|end| start > end),
+                "runs touch or overlap"
+            );
+            last_end = Some(start + len);
+        }
+        assert!(
+            last_end.is_none_or(|end| end < a.end),
+            "a free run reaches the end"
+        );
+        let by_size: BTreeSet<(u64, u64)> = a.free.iter().map(|(&s, &l)| (l, s)).collect();
+        assert_eq!(a.by_size, by_size);
+        assert_eq!(a.free_inside(), a.free.values().sum::<u64>());
+    }
+
+    #[test]
+    fn large_requests_take_the_smallest_run_that_holds_them() {
+        let mut a = with_free_runs(&[(10, 40), (100, 20), (200, 17), (300, 3)], 400);
+        assert_eq!(a.alloc(17), (200, 17));
+        assert_eq!(a.alloc(30), (10, 30));
+        assert_eq!(a.alloc(16), (100, 16));
+        assert_eq!(a.alloc_contiguous(10), 40);
+        check(&a);
+    }
+
+    #[test]
+    fn large_requests_take_the_largest_run_when_none_holds_them() {
+        let mut a = with_free_runs(&[(10, 20), (100, 30), (200, 2)], 400);
+        assert_eq!(a.alloc(64), (100, 30));
+        assert_eq!(a.alloc(64), (10, 20));
+        check(&a);
+    }
+
+    #[test]
+    fn large_requests_pass_over_fragments_and_small_ones_use_them_up() {
+        let mut a = with_free_runs(&[(10, 1), (20, 15), (40, 2)], 400);
+        assert_eq!(a.alloc(16), (400, 16));
+        assert_eq!(a.alloc(256), (416, 256));
+        assert_eq!(a.alloc(4), (10, 1));
+        assert_eq!(a.alloc(4), (20, 4));
+        assert_eq!(a.alloc(15), (24, 11));
+        assert_eq!(a.alloc(15), (40, 2));
+        // Where the file cannot grow, fragments serve a large request too.
+        let mut b = with_free_runs(&[(10, 1), (20, 15)], 400);
+        assert_eq!(b.alloc_first_fit(64), (10, 1));
+        assert_eq!(b.alloc_first_fit(64), (20, 15));
+        assert_eq!(b.alloc_first_fit(64), (400, 64));
+        check(&a);
+        check(&b);
+    }
+
+    fn none_held(owner: &roaring::RoaringTreemap, start: u64, len: u64) -> bool {
+        let mut run = roaring::RoaringTreemap::new();
+        run.insert_range(start..start + len);
+        owner.is_disjoint(&run)
+    }
+
+    proptest! {
+        /// Any mix of requests and returns keeps the runs and their size index in step, never
+        /// hands out a unit twice, and gives every unit back.
+        #[test]
+        fn runs_and_their_size_index_stay_in_step(
+            ops in prop::collection::vec((0u8..4, 1u64..80, any::<prop::sample::Index>()), 1..300)
+        ) {
+            let mut a = SpaceAllocator::new(1);
+            let mut held: Vec<(u64, u64)> = Vec::new();
+            let mut owner = roaring::RoaringTreemap::new();
+            for (op, want, pick) in ops {
+                match op {
+                    0 | 1 => {
+                        let (start, len) = if op == 0 { a.alloc(want) } else { a.alloc_first_fit(want) };
+                        prop_assert!(len >= 1 && len <= want);
+                        prop_assert!(op == 1 || want < CONTIGUOUS_MIN || len >= CONTIGUOUS_MIN);
+                        prop_assert!(none_held(&owner, start, len));
+                        owner.insert_range(start..start + len);
+                        held.push((start, len));
+                    }
+                    2 => {
+                        let start = a.alloc_contiguous(want);
+                        prop_assert!(none_held(&owner, start, want));
+                        owner.insert_range(start..start + want);
+                        held.push((start, want));
+                    }
+                    _ if !held.is_empty() => {
+                        let (start, len) = held.swap_remove(pick.index(held.len()));
+                        owner.remove_range(start..start + len);
+                        a.free(start, len);
+                    }
+                    _ => {}
+                }
+                check(&a);
+                prop_assert_eq!(a.used(), owner.len());
+            }
+            for (start, len) in held.drain(..) {
+                a.free(start, len);
+            }
+            check(&a);
+            prop_assert_eq!((a.used(), a.end()), (0, 1));
+        }
+    }
 
     #[test]
     fn alloc_free_merge() {

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::allocator::SpaceAllocator;
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
@@ -649,17 +650,20 @@ impl Session {
             runs.clear();
             fresh = vec![(first, n)];
         }
-        for (mut l, mut len) in fresh {
-            while len > 0 {
-                let (p, got) = st.data.alloc(len);
-                runs.push((l, got, p, true));
-                l += got;
-                len -= got;
-            }
-        }
+        let in_place = runs.len();
+        allocate_fresh(&mut st, &mut runs, &fresh, SpaceAllocator::alloc);
         // New blocks past the end of what the file system set aside grow the data file
-        // first; if it cannot grow, the write fails here, before anything is written.
-        if let Err(err) = st.reserve_data(&*self.pool.backend) {
+        // first; if it cannot grow, the write fails here, before anything is written. Large
+        // requests pass over small free runs for room past the end (`CONTIGUOUS_MIN`): when
+        // that room cannot be had, they take the small runs after all.
+        let mut reserved = st.reserve_data(&*self.pool.backend);
+        if matches!(reserved, Err(Error::NoSpace)) && st.data.free_inside() > 0 {
+            free_fresh(&mut st, &runs);
+            runs.truncate(in_place);
+            allocate_fresh(&mut st, &mut runs, &fresh, SpaceAllocator::alloc_first_fit);
+            reserved = st.reserve_data(&*self.pool.backend);
+        }
+        if let Err(err) = reserved {
             free_fresh(&mut st, &runs);
             return Err(err);
         }
@@ -1041,6 +1045,23 @@ impl Session {
 }
 
 /// Gives back the new blocks of a write that is not mapped: nothing references them.
+/// Allocates new blocks for each (lblock, len) of `fresh` with `alloc`, adding its runs.
+fn allocate_fresh(
+    st: &mut crate::pool::State,
+    runs: &mut Vec<(u64, u64, u64, bool)>,
+    fresh: &[(u64, u64)],
+    alloc: fn(&mut SpaceAllocator, u64) -> (u64, u64),
+) {
+    for &(mut l, mut len) in fresh {
+        while len > 0 {
+            let (p, got) = alloc(&mut st.data, len);
+            runs.push((l, got, p, true));
+            l += got;
+            len -= got;
+        }
+    }
+}
+
 fn free_fresh(st: &mut crate::pool::State, runs: &[(u64, u64, u64, bool)]) {
     for &(_, len, p, fresh) in runs {
         if fresh {

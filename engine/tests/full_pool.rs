@@ -276,3 +276,33 @@ async fn without_preallocation_a_failed_data_write_fails_alone() {
     pool.flush().await.unwrap();
     assert_clean(&pool);
 }
+
+/// Large writes pass over small free runs for room past the end of the data file; on a full
+/// disk, where that room cannot be had, they take the small runs after all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_full_disk_large_writes_use_the_small_free_runs() {
+    let disk = SimDisk::new();
+    disk.set_capacity(Some(32 * MIB));
+    let pool = open(&disk);
+    pool.create_volume("v", 256 * MIB).await.unwrap();
+    let v = pool.open_session("v", client()).unwrap();
+    let chunk = 64 << 10;
+    let written = fill(&v, 0, chunk, 4096).await;
+    assert!(written > 200, "only {written} pieces fitted in 32 MiB");
+    // Free one block in each of 200 pieces: 200 runs of one block, none next to another.
+    for i in 0..200 {
+        v.trim(i * chunk, 4096, false).await.unwrap();
+    }
+    pool.flush().await.unwrap();
+    let data = (0..(256 << 10))
+        .map(|i| (i % 253) as u8)
+        .collect::<Vec<u8>>();
+    v.write(200 * MIB, &data, false).await.unwrap();
+    assert_eq!(v.read(200 * MIB, data.len() as u64).await.unwrap(), data);
+    for i in 0..200 {
+        assert_eq!(v.read(i * chunk, 4096).await.unwrap(), vec![0; 4096]);
+    }
+    pool.flush().await.unwrap();
+    assert!(!pool.is_failed());
+    assert_clean(&pool);
+}
