@@ -116,7 +116,7 @@ fn fio_large(work_dir: &Path, uri: &str, job: [&str; 4], extra: &[&str]) -> CmdO
 }
 
 #[test]
-fn fio_large_writes_of_new_blocks_verify_crc32c() {
+fn fio_large_writes_verify_crc32c() {
     require_nbd_tools();
     require_tool("fio", "fio");
     let mut grove = Grove::start();
@@ -140,6 +140,10 @@ fn fio_large_writes_of_new_blocks_verify_crc32c() {
     let random = ["randwrite", "256k", "4", "8"];
     let out = fio_large(&work, &grove.unix_uri("big"), random, &["--do_verify=1"]);
     assert_fio_ok(&out, "256k random writes + verify");
+    // Another random pass, over blocks the head owns now: written in place.
+    let in_place = ["randwrite", "256k", "4", "9"];
+    let out = fio_large(&work, &grove.unix_uri("big"), in_place, &["--do_verify=1"]);
+    assert_fio_ok(&out, "256k random writes in place + verify");
     let at_commit = grove.unix_uri(&format!("big@{commit}"));
     let out = fio_large(&work, &at_commit, sequential, &["--verify_only=1"]);
     assert_fio_ok(&out, "verify-only pass on the commit");
@@ -147,14 +151,14 @@ fn fio_large_writes_of_new_blocks_verify_crc32c() {
     // After a restart, from the disk alone.
     assert!(grove.terminate().success(), "{}", grove.log_text());
     grove.spawn();
-    let out = fio_large(&work, &grove.tcp_uri("big"), random, &["--verify_only=1"]);
+    let out = fio_large(&work, &grove.tcp_uri("big"), in_place, &["--verify_only=1"]);
     assert_fio_ok(&out, "verify-only pass after a restart");
-    // Control: the commit does not hold the random pass.
+    // Control: the commit does not hold the random passes.
     let at_commit = grove.unix_uri(&format!("big@{commit}"));
-    let out = fio_large(&work, &at_commit, random, &["--verify_only=1"]);
+    let out = fio_large(&work, &at_commit, in_place, &["--verify_only=1"]);
     assert!(
         !out.success(),
-        "the commit should not verify as the later random pass\n{}",
+        "the commit should not verify as the later random passes\n{}",
         out.report()
     );
     grove.assert_healthy();

@@ -721,10 +721,9 @@ impl Session {
         let written = match self.pool.backend.write_here(FileKind::Data, data, &pieces) {
             Some(result) => result,
             None => {
-                // Large writes of new blocks, in runs long enough, go past the page cache
+                // Large writes, in runs long enough, go past the page cache
                 // (`io::DIRECT_WRITE_MIN_BYTES`), from memory aligned for it.
                 let direct = data.len() >= io::DIRECT_WRITE_MIN_BYTES
-                    && runs.iter().all(|run| run.3)
                     && data.len() / runs.len().max(1) >= io::DIRECT_RUN_MIN_BYTES;
                 let (mut buf, pad) = if direct {
                     self.pool.read_buffers.take_aligned(data.len())
