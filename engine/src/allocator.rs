@@ -7,12 +7,34 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Requests of this many units or more are placed whole where they can be: in the smallest free
-/// run that holds them, else the largest free run of at least this many, else past the end,
-/// rather than in the first free run whatever its size. Scattered frees leave runs of a unit
-/// or two: a large write given those would go out as that many small writes. Smaller requests
-/// take the first free run, which is how such fragments are used up. (Data blocks: 64 KiB.)
+/// Requests of this many units or more are worth placing whole (`Fit::Whole`): scattered frees
+/// leave runs of a unit or two, and a large write given those would go out as that many small
+/// writes. Smaller requests take the first free run, which is how such fragments are used up.
+/// (Data blocks: 64 KiB.)
 pub const CONTIGUOUS_MIN: u64 = 16;
+
+/// Where `SpaceAllocator::alloc` takes its run from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// The first free run, whatever its size, else past the end.
+    First,
+    /// The smallest free run that holds the whole request, else the largest free run of at
+    /// least `CONTIGUOUS_MIN` units, else past the end: a large request in as few pieces as
+    /// the free space allows, even if the file must grow for it.
+    Whole,
+}
+
+impl Fit {
+    /// `Whole` for a request of `CONTIGUOUS_MIN` units or more (decide once per request: what
+    /// is left of it after a first piece may be smaller), else `First`.
+    pub fn for_request(units: u64) -> Fit {
+        if units >= CONTIGUOUS_MIN {
+            Fit::Whole
+        } else {
+            Fit::First
+        }
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct SpaceAllocator {
@@ -69,35 +91,37 @@ impl SpaceAllocator {
         self.end
     }
 
-    /// Takes a run of at most `want` units (at least one), reusing freed space first; a
-    /// request of `CONTIGUOUS_MIN` units or more whole where it can be (see there).
-    pub fn alloc(&mut self, want: u64) -> (u64, u64) {
+    /// Takes a run of at most `want` units (at least one), reusing freed space first, from
+    /// where `fit` says.
+    pub fn alloc(&mut self, want: u64, fit: Fit) -> (u64, u64) {
         debug_assert!(want > 0);
-        if want < CONTIGUOUS_MIN {
-            return self.alloc_first_fit(want);
-        }
-        let fits = self.by_size.range((want, 0)..).next();
-        let largest = self
-            .by_size
-            .last()
-            .filter(|&&(len, _)| len >= CONTIGUOUS_MIN);
-        match fits.or(largest).copied() {
+        let found = match fit {
+            Fit::First => self
+                .free
+                .first_key_value()
+                .map(|(&start, &len)| (len, start)),
+            Fit::Whole => {
+                let holds = self.by_size.range((want, 0)..).next();
+                let largest = self
+                    .by_size
+                    .last()
+                    .filter(|&&(len, _)| len >= CONTIGUOUS_MIN);
+                holds.or(largest).copied()
+            }
+        };
+        match found {
             Some((len, start)) => self.take(start, len, want),
             None => self.take_end(want),
         }
     }
 
-    /// Takes a run of at most `want` units (at least one) from the first free run, whatever
-    /// its size: for when the file cannot grow.
-    pub fn alloc_first_fit(&mut self, want: u64) -> (u64, u64) {
-        debug_assert!(want > 0);
-        match self
-            .free
-            .first_key_value()
-            .map(|(&start, &len)| (start, len))
-        {
-            Some((start, len)) => self.take(start, len, want),
-            None => self.take_end(want),
+    /// Takes `want` units in as few runs as `fit` gives, calling `each(start, len)` for each
+    /// in order.
+    pub fn alloc_all(&mut self, mut want: u64, fit: Fit, mut each: impl FnMut(u64, u64)) {
+        while want > 0 {
+            let (start, len) = self.alloc(want, fit);
+            each(start, len);
+            want -= len;
         }
     }
 
@@ -237,9 +261,9 @@ mod tests {
     #[test]
     fn large_requests_take_the_smallest_run_that_holds_them() {
         let mut a = with_free_runs(&[(10, 40), (100, 20), (200, 17), (300, 3)], 400);
-        assert_eq!(a.alloc(17), (200, 17));
-        assert_eq!(a.alloc(30), (10, 30));
-        assert_eq!(a.alloc(16), (100, 16));
+        assert_eq!(a.alloc(17, Fit::Whole), (200, 17));
+        assert_eq!(a.alloc(30, Fit::Whole), (10, 30));
+        assert_eq!(a.alloc(16, Fit::Whole), (100, 16));
         assert_eq!(a.alloc_contiguous(10), 40);
         check(&a);
     }
@@ -247,25 +271,27 @@ mod tests {
     #[test]
     fn large_requests_take_the_largest_run_when_none_holds_them() {
         let mut a = with_free_runs(&[(10, 20), (100, 30), (200, 2)], 400);
-        assert_eq!(a.alloc(64), (100, 30));
-        assert_eq!(a.alloc(64), (10, 20));
+        let mut runs = Vec::new();
+        a.alloc_all(64, Fit::Whole, |start, len| runs.push((start, len)));
+        // What is left after the two largest runs still goes where it fits whole.
+        assert_eq!(runs, [(100, 30), (10, 20), (400, 14)]);
         check(&a);
     }
 
     #[test]
     fn large_requests_pass_over_fragments_and_small_ones_use_them_up() {
         let mut a = with_free_runs(&[(10, 1), (20, 15), (40, 2)], 400);
-        assert_eq!(a.alloc(16), (400, 16));
-        assert_eq!(a.alloc(256), (416, 256));
-        assert_eq!(a.alloc(4), (10, 1));
-        assert_eq!(a.alloc(4), (20, 4));
-        assert_eq!(a.alloc(15), (24, 11));
-        assert_eq!(a.alloc(15), (40, 2));
+        assert_eq!(a.alloc(16, Fit::Whole), (400, 16));
+        assert_eq!(a.alloc(256, Fit::Whole), (416, 256));
+        assert_eq!(a.alloc(4, Fit::First), (10, 1));
+        assert_eq!(a.alloc(4, Fit::First), (20, 4));
+        assert_eq!(a.alloc(15, Fit::First), (24, 11));
+        assert_eq!(a.alloc(15, Fit::First), (40, 2));
         // Where the file cannot grow, fragments serve a large request too.
         let mut b = with_free_runs(&[(10, 1), (20, 15)], 400);
-        assert_eq!(b.alloc_first_fit(64), (10, 1));
-        assert_eq!(b.alloc_first_fit(64), (20, 15));
-        assert_eq!(b.alloc_first_fit(64), (400, 64));
+        let mut runs = Vec::new();
+        b.alloc_all(64, Fit::First, |start, len| runs.push((start, len)));
+        assert_eq!(runs, [(10, 1), (20, 15), (400, 48)]);
         check(&a);
         check(&b);
     }
@@ -288,10 +314,23 @@ mod tests {
             let mut owner = roaring::RoaringTreemap::new();
             for (op, want, pick) in ops {
                 match op {
-                    0 | 1 => {
-                        let (start, len) = if op == 0 { a.alloc(want) } else { a.alloc_first_fit(want) };
+                    0 => {
+                        let fit = Fit::for_request(want);
+                        let mut got = 0;
+                        let mut ok = true;
+                        a.alloc_all(want, fit, |start, len| {
+                            ok &= len >= 1 && none_held(&owner, start, len);
+                            owner.insert_range(start..start + len);
+                            held.push((start, len));
+                            got += len;
+                        });
+                        prop_assert!(ok, "a unit handed out twice");
+                        prop_assert_eq!(got, want);
+                    }
+                    1 => {
+                        let (start, len) = a.alloc(want, Fit::Whole);
                         prop_assert!(len >= 1 && len <= want);
-                        prop_assert!(op == 1 || want < CONTIGUOUS_MIN || len >= CONTIGUOUS_MIN);
+                        prop_assert!(len == want || len >= CONTIGUOUS_MIN);
                         prop_assert!(none_held(&owner, start, len));
                         owner.insert_range(start..start + len);
                         held.push((start, len));
@@ -323,10 +362,10 @@ mod tests {
     #[test]
     fn alloc_free_merge() {
         let mut a = SpaceAllocator::new(1);
-        assert_eq!(a.alloc(4), (1, 4));
-        assert_eq!(a.alloc(4), (5, 4));
+        assert_eq!(a.alloc(4, Fit::First), (1, 4));
+        assert_eq!(a.alloc(4, Fit::First), (5, 4));
         a.free(1, 2);
-        assert_eq!(a.alloc(8), (1, 2));
+        assert_eq!(a.alloc(8, Fit::First), (1, 2));
         assert_eq!(a.free_inside(), a.free.values().sum::<u64>());
         a.free(5, 4);
         assert_eq!(a.end(), 5);
@@ -346,6 +385,6 @@ mod tests {
         assert_eq!(a.free_inside(), 5);
         assert_eq!(a.free_inside(), a.free.values().sum::<u64>());
         assert_eq!(a.alloc_contiguous(3), 6);
-        assert_eq!(a.alloc(10), (3, 2));
+        assert_eq!(a.alloc(10, Fit::First), (3, 2));
     }
 }

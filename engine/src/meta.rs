@@ -13,7 +13,7 @@ use std::sync::Arc;
 use lru::LruCache;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::allocator::SpaceAllocator;
+use crate::allocator::{Fit, SpaceAllocator};
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::io::{self, FileKind, IoBackend};
@@ -442,7 +442,7 @@ impl MetaStore {
 
     /// A fresh page for a node of the current generation.
     pub fn alloc_page(&mut self) -> u64 {
-        self.pages.alloc(1).0
+        self.pages.alloc(1, Fit::First).0
     }
 
     /// Releases a node's page. A node of the current generation is referenced by nothing

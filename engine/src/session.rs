@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::allocator::SpaceAllocator;
+use crate::allocator::Fit;
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::extent_map::{MapReader, MapWriter};
@@ -650,17 +650,20 @@ impl Session {
             runs.clear();
             fresh = vec![(first, n)];
         }
+        // Large runs of new blocks pass over small free runs for room past the end
+        // (`allocator::Fit::Whole`), where the data file can grow for them.
         let in_place = runs.len();
-        allocate_fresh(&mut st, &mut runs, &fresh, SpaceAllocator::alloc);
+        let whole = st.data_may_grow();
+        allocate_fresh(&mut st, &mut runs, &fresh, whole);
         // New blocks past the end of what the file system set aside grow the data file
-        // first; if it cannot grow, the write fails here, before anything is written. Large
-        // requests pass over small free runs for room past the end (`CONTIGUOUS_MIN`): when
-        // that room cannot be had, they take the small runs after all.
+        // first; if it cannot grow, the write fails here, before anything is written, unless
+        // the small free runs passed over hold it.
         let mut reserved = st.reserve_data(&*self.pool.backend);
-        if matches!(reserved, Err(Error::NoSpace)) && st.data.free_inside() > 0 {
+        if whole && matches!(reserved, Err(Error::NoSpace)) && st.data.free_inside() > 0 {
+            st.data_cannot_grow();
             free_fresh(&mut st, &runs);
             runs.truncate(in_place);
-            allocate_fresh(&mut st, &mut runs, &fresh, SpaceAllocator::alloc_first_fit);
+            allocate_fresh(&mut st, &mut runs, &fresh, false);
             reserved = st.reserve_data(&*self.pool.backend);
         }
         if let Err(err) = reserved {
@@ -1043,24 +1046,28 @@ impl Session {
     }
 }
 
-/// Gives back the new blocks of a write that is not mapped: nothing references them.
-/// Allocates new blocks for each (lblock, len) of `fresh` with `alloc`, adding its runs.
+/// Allocates new blocks for each (lblock, len) of `fresh`, adding their runs: large ones
+/// whole where they can be if `whole`, else from the first free runs.
 fn allocate_fresh(
     st: &mut crate::pool::State,
     runs: &mut Vec<(u64, u64, u64, bool)>,
     fresh: &[(u64, u64)],
-    alloc: fn(&mut SpaceAllocator, u64) -> (u64, u64),
+    whole: bool,
 ) {
-    for &(mut l, mut len) in fresh {
-        while len > 0 {
-            let (p, got) = alloc(&mut st.data, len);
+    for &(mut l, len) in fresh {
+        let fit = if whole {
+            Fit::for_request(len)
+        } else {
+            Fit::First
+        };
+        st.data.alloc_all(len, fit, |p, got| {
             runs.push((l, got, p, true));
             l += got;
-            len -= got;
-        }
+        });
     }
 }
 
+/// Gives back the new blocks of a write that is not mapped: nothing references them.
 fn free_fresh(st: &mut crate::pool::State, runs: &[(u64, u64, u64, bool)]) {
     for &(_, len, p, fresh) in runs {
         if fresh {

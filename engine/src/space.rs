@@ -28,6 +28,7 @@
 //! ENOSPC still fails alone (its blocks were never mapped), but metadata may then fail the pool.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::format::PAGE_SIZE;
@@ -59,7 +60,14 @@ pub(crate) struct Reserved {
     pub data_end_blocks: u64,
     /// The journal is set aside up to here.
     pub journal_end_bytes: u64,
+    /// When the data file last could not grow for a write (`State::data_cannot_grow`).
+    pub data_full_at: Option<Instant>,
 }
+
+/// After the data file could not grow for a write, writes take the small free runs they would
+/// pass over for this long before growing it is tried again: rather than a few failed
+/// `fallocate` calls under the state lock for every large write on a full file system.
+const DATA_FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// New metadata pages a single extent-map replace can hold at once in a tree of `height`
 /// levels: the copied paths to both ends of the range, a split at every level and a new root,
@@ -151,6 +159,7 @@ impl State {
         self.reserved = Some(Reserved {
             data_end_blocks,
             journal_end_bytes,
+            data_full_at: None,
         });
         // Checksum pages for the blocks set aside; without room, a data write will find out.
         let _ = set_aside_sums(backend, 0, data_end_blocks);
@@ -196,6 +205,25 @@ impl State {
                 }
                 Err(err)
             }
+        }
+    }
+
+    /// Whether new data blocks may go past the end of the data file when the free space inside
+    /// is only in small runs (`allocator::Fit::Whole`): where growing it is set aside first and
+    /// was not refused just now. Where nothing is set aside a full file system would be met
+    /// only by the data write.
+    pub(crate) fn data_may_grow(&self) -> bool {
+        self.reserved.is_some_and(|reserved| {
+            reserved
+                .data_full_at
+                .is_none_or(|at| at.elapsed() >= DATA_FULL_RETRY)
+        })
+    }
+
+    /// Notes that the data file could not grow for a write (`data_may_grow`).
+    pub(crate) fn data_cannot_grow(&mut self) {
+        if let Some(reserved) = &mut self.reserved {
+            reserved.data_full_at = Some(Instant::now());
         }
     }
 

@@ -299,6 +299,12 @@ async fn on_a_full_disk_large_writes_use_the_small_free_runs() {
         .collect::<Vec<u8>>();
     v.write(200 * MIB, &data, false).await.unwrap();
     assert_eq!(v.read(200 * MIB, data.len() as u64).await.unwrap(), data);
+    // The next large write goes to the small runs at once: the data file could not grow.
+    let refused = disk.data_allocations_refused();
+    assert!(refused > 0);
+    v.write(201 * MIB, &data, false).await.unwrap();
+    assert_eq!(disk.data_allocations_refused(), refused);
+    assert_eq!(v.read(201 * MIB, data.len() as u64).await.unwrap(), data);
     for i in 0..200 {
         assert_eq!(v.read(i * chunk, 4096).await.unwrap(), vec![0; 4096]);
     }

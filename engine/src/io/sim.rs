@@ -70,6 +70,8 @@ pub struct SimDisk {
     capacity_bytes: Arc<AtomicU64>,
     /// Whether `allocate` works (a file system without fallocate when not).
     allocate_supported: Arc<AtomicBool>,
+    /// `allocate` calls on data.grove that the disk had no room for.
+    data_allocations_refused: Arc<AtomicU64>,
 }
 
 impl Default for SimDisk {
@@ -78,6 +80,7 @@ impl Default for SimDisk {
             files: Default::default(),
             capacity_bytes: Arc::new(AtomicU64::new(u64::MAX)),
             allocate_supported: Arc::new(AtomicBool::new(true)),
+            data_allocations_refused: Default::default(),
         }
     }
 }
@@ -101,6 +104,11 @@ impl SimDisk {
     /// Makes `allocate` unsupported (`false`), like a file system without fallocate.
     pub fn set_allocate_supported(&self, supported: bool) {
         self.allocate_supported.store(supported, Ordering::SeqCst);
+    }
+
+    /// How many times growing data.grove (`allocate`) was refused for want of room.
+    pub fn data_allocations_refused(&self) -> u64 {
+        self.data_allocations_refused.load(Ordering::SeqCst)
     }
 
     /// The bytes the files take on the disk.
@@ -342,7 +350,14 @@ impl IoBackend for SimBackend {
         } else {
             file_len.max(end)
         };
-        self.disk.check_room(&files, file, allocated.max(new_len))?;
+        if let Err(err) = self.disk.check_room(&files, file, allocated.max(new_len)) {
+            if file == FileKind::Data {
+                self.disk
+                    .data_allocations_refused
+                    .fetch_add(1, Ordering::SeqCst);
+            }
+            return Err(err);
+        }
         let sim = files.entry(file).or_default();
         sim.allocated_bytes = allocated;
         sim.len_bytes = new_len;
