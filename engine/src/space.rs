@@ -58,6 +58,11 @@ pub(crate) const JOURNAL_RECORD_ROOM_BYTES: u64 = 64 << 10;
 pub(crate) struct Reserved {
     /// The data file's length in blocks: every block below it is set aside.
     pub data_end_blocks: u64,
+    /// `sums.grove` is set aside up to here: the checksum pages of the data blocks below
+    /// `data_end_blocks`, or fewer where the file system had no room for them when the data
+    /// file grew. Kept apart so that a block handed out always has its checksum page set
+    /// aside too, or its write is refused before anything is written (`reserve_data`).
+    pub sums_end_bytes: u64,
     /// The journal is set aside up to here.
     pub journal_end_bytes: u64,
     /// When the data file last could not grow for a write (`State::data_cannot_grow`).
@@ -74,16 +79,6 @@ const DATA_FULL_RETRY: Duration = Duration::from_secs(1);
 /// counted for one level more (a split may add it during the change).
 pub(crate) fn replace_pages_max(height: u64) -> u64 {
     3 * (height + 1) + 2
-}
-
-/// Sets aside the checksum pages of data blocks `[from_blocks, to_blocks)` in `sums.grove`.
-fn set_aside_sums(backend: &dyn IoBackend, from_blocks: u64, to_blocks: u64) -> Result<()> {
-    let from = crate::sums::file_bytes_for(from_blocks);
-    let to = crate::sums::file_bytes_for(to_blocks);
-    if to > from {
-        set_aside(backend, FileKind::Sums, from, to - from, to - from, false)?;
-    }
-    Ok(())
 }
 
 /// Sets aside `file` from byte `from` on: `want` bytes, or if the file system has no room for
@@ -159,26 +154,37 @@ impl State {
         self.reserved = Some(Reserved {
             data_end_blocks,
             journal_end_bytes,
+            sums_end_bytes: 0,
             data_full_at: None,
         });
-        // Checksum pages for the blocks set aside; without room, a data write will find out.
-        let _ = set_aside_sums(backend, 0, data_end_blocks);
+        // Checksum pages for the blocks set aside. Without room, the next write that needs
+        // them tries again, and is refused if there still is none.
+        let _ = self.reserve_sums(backend, data_end_blocks);
         Ok(())
     }
 
-    /// Makes sure the data blocks handed out so far are set aside, growing the data file when
-    /// the allocator's end passed it; the metadata and journal reserves are topped up first.
-    /// On `NoSpace` the caller gives its new blocks back.
+    /// Makes sure the data blocks handed out so far are set aside, with their checksum pages,
+    /// growing the data file when the allocator's end passed it; the metadata and journal
+    /// reserves are topped up first. On `NoSpace` the caller gives its new blocks back.
     pub(crate) fn reserve_data(&mut self, backend: &dyn IoBackend) -> Result<()> {
         let Some(reserved) = self.reserved else {
             return Ok(());
         };
         let end_blocks = self.data.end();
-        if end_blocks <= reserved.data_end_blocks {
+        if crate::sums::file_bytes_for(end_blocks) <= reserved.sums_end_bytes
+            && end_blocks <= reserved.data_end_blocks
+        {
             return Ok(());
         }
         self.top_up_reserves(backend)?;
-        let have = reserved.data_end_blocks;
+        if end_blocks > reserved.data_end_blocks {
+            self.grow_data(backend, reserved.data_end_blocks, end_blocks)?;
+        }
+        self.reserve_sums(backend, end_blocks)
+    }
+
+    /// Grows the data file from `have` blocks to at least `end_blocks`.
+    fn grow_data(&mut self, backend: &dyn IoBackend, have: u64, end_blocks: u64) -> Result<()> {
         let grow_blocks = ((have * BLOCK_SIZE) / 8)
             .clamp(DATA_GROW_MIN_BYTES, DATA_GROW_MAX_BYTES)
             .div_ceil(BLOCK_SIZE);
@@ -194,8 +200,7 @@ impl State {
         match result {
             Ok(Some(end_bytes)) => {
                 self.set_data_end(end_bytes / BLOCK_SIZE);
-                // The new blocks' checksums need their room too.
-                set_aside_sums(backend, have, end_bytes / BLOCK_SIZE)
+                Ok(())
             }
             Ok(None) => Ok(()),
             Err(err) => {
@@ -206,6 +211,33 @@ impl State {
                 Err(err)
             }
         }
+    }
+
+    /// Sets aside the checksum pages of data blocks below `end_blocks`, and of the rest of the
+    /// data file if there is room; `NoSpace` if there is none for the first.
+    fn reserve_sums(&mut self, backend: &dyn IoBackend, end_blocks: u64) -> Result<()> {
+        let Some(reserved) = self.reserved else {
+            return Ok(());
+        };
+        let from = reserved.sums_end_bytes;
+        let need_end = crate::sums::file_bytes_for(end_blocks);
+        if need_end <= from {
+            return Ok(());
+        }
+        let want_end = crate::sums::file_bytes_for(reserved.data_end_blocks).max(need_end);
+        let end = set_aside(
+            backend,
+            FileKind::Sums,
+            from,
+            need_end - from,
+            want_end - from,
+            false,
+        )?;
+        if let Some(reserved) = &mut self.reserved {
+            // Where the file system cannot set the pages aside, asking again would not help.
+            reserved.sums_end_bytes = end.unwrap_or(want_end);
+        }
+        Ok(())
     }
 
     /// Whether new data blocks may go past the end of the data file when the free space inside

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use grove_engine::io::sim::SimDisk;
+use grove_engine::io::FileKind;
 use grove_engine::*;
 
 const MIB: u64 = 1 << 20;
@@ -311,4 +312,54 @@ async fn on_a_full_disk_large_writes_use_the_small_free_runs() {
     pool.flush().await.unwrap();
     assert!(!pool.is_failed());
     assert_clean(&pool);
+}
+
+/// A block handed out always has its checksum page set aside: where the data file could grow
+/// for a write but `sums.grove` could not, that write is refused, and so is the next one that
+/// would take the same block, rather than taken with a checksum no sync point could write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_refused_when_its_checksum_page_has_no_room() {
+    let disk = SimDisk::new();
+    let pool = open(&disk);
+    pool.create_volume("v", 64 * MIB).await.unwrap();
+    let v = pool.open_session("v", client()).unwrap();
+    // The data file's first block is its header: with 4 MiB less one block of data, the
+    // next data block is the first of a new checksum page.
+    v.write(0, &vec![0xaa; (4 << 20) - 4096], false)
+        .await
+        .unwrap();
+    pool.flush().await.unwrap();
+    assert_eq!(disk.file_len(FileKind::Data), 4 * MIB);
+    // Room for one more data block, none for its checksum page.
+    disk.set_capacity(Some(disk.used_bytes() + 4096));
+    for attempt in 0..2 {
+        assert!(
+            matches!(
+                v.write(4 * MIB, &[0xbb; 4096], false).await,
+                Err(Error::NoSpace)
+            ),
+            "attempt {attempt}"
+        );
+    }
+    // The data file did grow: only the checksum page was missing.
+    assert_eq!(disk.file_len(FileKind::Data), 4 * MIB + 4096);
+    // Writes over blocks the volume owns need no room.
+    v.write(0, &[0xcc; 4096], false).await.unwrap();
+    pool.flush().await.unwrap();
+    assert!(!pool.is_failed());
+    assert_eq!(v.read(4 * MIB, 4096).await.unwrap(), vec![0; 4096]);
+
+    disk.set_capacity(None);
+    v.write(4 * MIB, &[0xbb; 4096], false).await.unwrap();
+    pool.flush().await.unwrap();
+    assert_clean(&pool);
+    drop(v);
+    drop(pool);
+    disk.crash(5);
+    let pool = open(&disk);
+    assert_clean(&pool);
+    let v = pool.open_session("v", client()).unwrap();
+    assert_eq!(v.read(0, 4096).await.unwrap(), vec![0xcc; 4096]);
+    assert_eq!(v.read(4096, 4096).await.unwrap(), vec![0xaa; 4096]);
+    assert_eq!(v.read(4 * MIB, 4096).await.unwrap(), vec![0xbb; 4096]);
 }

@@ -146,6 +146,11 @@ impl SimDisk {
         }
     }
 
+    /// A file's length, as the file system would report it.
+    pub fn file_len(&self, file: FileKind) -> u64 {
+        self.files.lock().get(&file).map_or(0, SimFile::len)
+    }
+
     /// Bytes of a file as reads see them (for tests that corrupt a pool on purpose).
     pub fn file_image(&self, file: FileKind) -> Vec<u8> {
         self.files
